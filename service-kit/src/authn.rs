@@ -1,0 +1,375 @@
+//! Caller authentication for gRPC services: a tower layer that checks the bearer token of every
+//! call against a [`Requirement`] before the handler runs, and a cache of auth-service's public
+//! keys fetched through `AuthService.GetJwks`.
+//!
+//! Missing or bad token: UNAUTHENTICATED. A valid token of the wrong kind (a user token on an
+//! internal RPC, a service token on a user RPC) or without the needed role: PERMISSION_DENIED.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use refsys_proto::auth::v1::GetJwksRequest;
+use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
+use tonic::Status;
+use tonic::server::NamedService;
+use tonic::transport::{Channel, Endpoint};
+use tower::Service;
+
+use crate::tokens::{ADMIN_ROLE, Claims, Jwk, KeySet, TokenError, Verifier};
+
+/// What a service demands of its callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// A user's access token.
+    User,
+    /// A user's access token with the `admin` role.
+    Admin,
+    /// A service token for this service's audience, carrying `scope`.
+    Service { scope: &'static str },
+}
+
+/// The verified caller, stored in the request's extensions for handlers.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub claims: Claims,
+}
+
+/// Checks bearer tokens. Holds the verifier and, when keys come from auth-service, the cache
+/// that refreshes them.
+pub struct Authenticator {
+    verifier: Arc<Verifier>,
+    user_audience: String,
+    service_audience: String,
+    remote: Option<Arc<RemoteJwks>>,
+}
+
+impl Authenticator {
+    pub fn new(
+        verifier: Arc<Verifier>,
+        user_audience: &str,
+        service_audience: &str,
+        remote: Option<Arc<RemoteJwks>>,
+    ) -> Self {
+        Self {
+            verifier,
+            user_audience: user_audience.to_owned(),
+            service_audience: service_audience.to_owned(),
+            remote,
+        }
+    }
+
+    /// The verified claims of the call's bearer token, if they meet `requirement`.
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        requirement: Requirement,
+    ) -> Result<Claims, Status> {
+        let token = bearer_token(headers)?;
+        let verified = match self.verifier.verify(token) {
+            Err(TokenError::UnknownKey(_)) if self.remote.is_some() => {
+                // Keys may have rotated since the last fetch: refetch (rate-limited), retry once.
+                if let Some(remote) = &self.remote {
+                    remote.refresh_if_due().await;
+                }
+                if self.verifier.keys().is_empty() {
+                    return Err(Status::unavailable(
+                        "token signing keys are not available yet; retry shortly",
+                    ));
+                }
+                self.verifier.verify(token)
+            }
+            other => other,
+        }
+        .map_err(|err| Status::unauthenticated(format!("invalid access token: {err}")))?;
+        let claims = verified.claims;
+
+        let is_user_token = claims.aud == self.user_audience && claims.scope.is_none();
+        match requirement {
+            Requirement::User if is_user_token => Ok(claims),
+            Requirement::Admin if is_user_token && claims.has_role(ADMIN_ROLE) => Ok(claims),
+            Requirement::Admin if is_user_token => {
+                Err(Status::permission_denied("this RPC needs the admin role"))
+            }
+            Requirement::Service { scope }
+                if claims.aud == self.service_audience && claims.has_scope(scope) =>
+            {
+                Ok(claims)
+            }
+            Requirement::Service { scope } => Err(Status::permission_denied(format!(
+                "this RPC needs a service token with the scope {scope:?}"
+            ))),
+            Requirement::User | Requirement::Admin => Err(Status::permission_denied(
+                "this RPC needs a user access token",
+            )),
+        }
+    }
+}
+
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(|| Status::unauthenticated("missing \"authorization: Bearer <token>\""))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(Status::unauthenticated(
+            "authorization header must be \"Bearer <token>\"",
+        )),
+    }
+}
+
+/// A gRPC service that only runs for callers meeting a [`Requirement`].
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    authenticator: Arc<Authenticator>,
+    requirement: Requirement,
+}
+
+impl<S> Authenticated<S> {
+    pub fn new(inner: S, authenticator: Arc<Authenticator>, requirement: Requirement) -> Self {
+        Self {
+            inner,
+            authenticator,
+            requirement,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Authenticated<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let authenticator = self.authenticator.clone();
+        let requirement = self.requirement;
+        Box::pin(async move {
+            match authenticator
+                .authenticate(request.headers(), requirement)
+                .await
+            {
+                Ok(claims) => {
+                    request.extensions_mut().insert(Caller { claims });
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+/// The claims of the authenticated caller of a request that passed [`Authenticated`].
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Claims, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|caller| &caller.claims)
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+/// auth-service's public keys, fetched through `GetJwks`, installed into a [`Verifier`],
+/// refreshed in the background and on demand when a token names an unknown key (at most once
+/// per `min_refresh_interval`, so forged `kid`s cannot make us hammer auth-service).
+pub struct RemoteJwks {
+    client: AuthServiceClient<Channel>,
+    verifier: Arc<Verifier>,
+    last_attempt: tokio::sync::Mutex<Option<Instant>>,
+    min_refresh_interval: Duration,
+}
+
+impl RemoteJwks {
+    pub fn new(
+        auth_url: &str,
+        verifier: Arc<Verifier>,
+        min_refresh_interval: Duration,
+    ) -> Result<Arc<Self>, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(auth_url.to_owned())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(3))
+            .connect_lazy();
+        Ok(Arc::new(Self {
+            client: AuthServiceClient::new(channel),
+            verifier,
+            last_attempt: tokio::sync::Mutex::new(None),
+            min_refresh_interval,
+        }))
+    }
+
+    /// Fetches the keys now.
+    pub async fn refresh(&self) -> Result<usize, Status> {
+        let response = self
+            .client
+            .clone()
+            .get_jwks(GetJwksRequest {})
+            .await?
+            .into_inner();
+        let jwks: Vec<Jwk> = response
+            .keys
+            .into_iter()
+            .map(|key| Jwk {
+                kty: key.kty,
+                crv: key.crv,
+                x: key.x,
+                kid: key.kid,
+                alg: key.alg,
+                use_: key.r#use,
+            })
+            .collect();
+        let keys = KeySet::from_jwks(&jwks);
+        if keys.is_empty() {
+            return Err(Status::unavailable("auth-service published no usable keys"));
+        }
+        self.verifier.replace_keys(keys);
+        Ok(jwks.len())
+    }
+
+    /// Fetches the keys unless a fetch was tried within the minimum interval.
+    pub async fn refresh_if_due(&self) {
+        let mut last = self.last_attempt.lock().await;
+        if last.is_some_and(|at| at.elapsed() < self.min_refresh_interval) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Err(status) = self.refresh().await {
+            tracing::warn!(code = ?status.code(), message = status.message(), "could not fetch auth-service keys");
+        }
+    }
+
+    /// Keeps the keys fresh: fetches every `every`, and every few seconds while none are loaded.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let wait = match this.refresh().await {
+                    Ok(count) => {
+                        tracing::debug!(count, "auth-service keys refreshed");
+                        every
+                    }
+                    Err(status) => {
+                        tracing::warn!(code = ?status.code(), message = status.message(), "could not fetch auth-service keys; retrying");
+                        Duration::from_secs(2)
+                    }
+                };
+                tokio::time::sleep(wait).await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokens::{ENSURE_USER_SCOPE, REFERRAL_SERVICE_AUDIENCE, SigningKey};
+
+    fn claims(aud: &str, roles: &[&str], scope: Option<&str>) -> Claims {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        Claims {
+            iss: "iss".into(),
+            aud: aud.into(),
+            sub: "someone".into(),
+            exp: now + 60,
+            iat: now,
+            jti: "j".into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            scope: scope.map(str::to_owned),
+        }
+    }
+
+    fn headers(token: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers
+    }
+
+    async fn check(claims: Claims, requirement: Requirement) -> Result<Claims, tonic::Code> {
+        let key = SigningKey::generate();
+        let verifier = Arc::new(Verifier::new(
+            "iss",
+            &["refsys", REFERRAL_SERVICE_AUDIENCE],
+            KeySet::from_jwks([key.public_jwk()]),
+        ));
+        let authenticator = Authenticator::new(verifier, "refsys", REFERRAL_SERVICE_AUDIENCE, None);
+        let token = key.sign(&claims).unwrap();
+        authenticator
+            .authenticate(&headers(&token), requirement)
+            .await
+            .map_err(|status| status.code())
+    }
+
+    #[tokio::test]
+    async fn each_requirement_admits_only_its_kind_of_token() {
+        use tonic::Code::PermissionDenied;
+        let user = claims("refsys", &[], None);
+        let admin = claims("refsys", &["admin"], None);
+        let service = claims(REFERRAL_SERVICE_AUDIENCE, &[], Some(ENSURE_USER_SCOPE));
+        let ensure = Requirement::Service {
+            scope: ENSURE_USER_SCOPE,
+        };
+
+        assert!(check(user.clone(), Requirement::User).await.is_ok());
+        assert_eq!(
+            check(user.clone(), Requirement::Admin).await.unwrap_err(),
+            PermissionDenied
+        );
+        assert_eq!(check(user, ensure).await.unwrap_err(), PermissionDenied);
+        assert!(check(admin.clone(), Requirement::Admin).await.is_ok());
+        assert!(check(service.clone(), ensure).await.is_ok());
+        assert_eq!(
+            check(service.clone(), Requirement::User).await.unwrap_err(),
+            PermissionDenied
+        );
+        let other_scope = claims(REFERRAL_SERVICE_AUDIENCE, &[], Some("something.else"));
+        assert_eq!(
+            check(other_scope, ensure).await.unwrap_err(),
+            PermissionDenied
+        );
+    }
+
+    #[test]
+    fn missing_or_malformed_authorization_is_unauthenticated() {
+        assert_eq!(
+            bearer_token(&http::HeaderMap::new()).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let mut basic = http::HeaderMap::new();
+        basic.insert(http::header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(
+            bearer_token(&basic).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(bearer_token(&headers("t0k")).unwrap(), "t0k");
+    }
+}

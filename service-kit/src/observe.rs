@@ -1,0 +1,140 @@
+//! A tower layer around every gRPC call: one tracing span (child of the caller's W3C
+//! `traceparent`, so one sign-in is one trace across services) and the per-RPC metrics.
+
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcObserverLayer;
+
+impl<S> Layer<S> for RpcObserverLayer {
+    type Service = RpcObserver<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcObserver { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcObserver<S> {
+    inner: S,
+}
+
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`). Unknown shapes keep the whole path, but
+/// bounded so a scanner cannot blow up label cardinality.
+fn split_path(path: &str) -> (String, String) {
+    match path.trim_start_matches('/').split_once('/') {
+        Some((service, method)) if service.len() <= 128 && method.len() <= 128 => {
+            (service.to_owned(), method.to_owned())
+        }
+        _ => ("unknown".to_owned(), "unknown".to_owned()),
+    }
+}
+
+/// The gRPC status of a unary response: in the headers for errors (trailers-only responses),
+/// otherwise in the trailers, which only ever say OK for our unary services.
+fn grpc_code(headers: &http::HeaderMap) -> tonic::Code {
+    headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+fn code_label(code: tonic::Code) -> String {
+    match code {
+        tonic::Code::Ok => "OK".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcObserver<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = format!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        let _ = span.set_parent(crate::telemetry::extract_context(request.headers()));
+
+        let metrics = crate::metrics::rpc();
+        let in_flight = metrics.in_flight.with_label_values(&[&service, &method]);
+        in_flight.inc();
+        let started = Instant::now();
+
+        // The clone is the one that was not polled ready; keep the ready one for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let future = span.in_scope(|| inner.call(request));
+        Box::pin(
+            async move {
+                let result = future.await;
+                in_flight.dec();
+                let code = match &result {
+                    Ok(response) => grpc_code(response.headers()),
+                    Err(_) => tonic::Code::Unknown,
+                };
+                tracing::Span::current().record("rpc.grpc.status_code", code as i32);
+                metrics
+                    .handled
+                    .with_label_values(&[&service, &method, &code_label(code)])
+                    .inc();
+                metrics
+                    .latency
+                    .with_label_values(&[&service, &method])
+                    .observe(started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_into_service_and_method() {
+        assert_eq!(
+            split_path("/refsys.auth.v1.AuthService/SendCode"),
+            ("refsys.auth.v1.AuthService".into(), "SendCode".into())
+        );
+        assert_eq!(
+            split_path("/nonsense"),
+            ("unknown".into(), "unknown".into())
+        );
+    }
+
+    #[test]
+    fn status_comes_from_headers_and_defaults_to_ok() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(grpc_code(&headers), tonic::Code::Ok);
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        assert_eq!(grpc_code(&headers), tonic::Code::InvalidArgument);
+        assert_eq!(code_label(tonic::Code::Ok), "OK");
+    }
+}
