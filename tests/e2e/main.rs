@@ -1,1 +1,4 @@
-//! placeholder
+//! End-to-end tests: both real binaries on free ports, against real Postgres and Redis.
+//! One test binary on purpose: each extra one costs a link on 2 cores.
+
+mod foundation;

@@ -1,0 +1,150 @@
+//! The shared server bootstrap, seen from outside: health, reflection, config errors, shutdown.
+
+use std::time::Duration;
+
+use e2e_tests::process::run_to_exit;
+use e2e_tests::{ServiceProcess, Stack};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_reflection::pb::{v1, v1alpha};
+
+const AUTH_SERVICES: &[&str] = &["refsys.auth.v1.AuthService"];
+const REFERRAL_SERVICES: &[&str] = &[
+    "refsys.referral.v1.ReferralService",
+    "refsys.referral.v1.UserDirectory",
+    "refsys.referral.v1.AdminService",
+];
+
+async fn list_services_v1(process: &ServiceProcess) -> Vec<String> {
+    use v1::server_reflection_client::ServerReflectionClient;
+    use v1::server_reflection_request::MessageRequest;
+    use v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(Stack::channel(process).await);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1 answers")
+        .into_inner();
+    match stream
+        .message()
+        .await
+        .expect("a reply")
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection reply {other:?}"),
+    }
+}
+
+async fn list_services_v1alpha(process: &ServiceProcess) -> Vec<String> {
+    use v1alpha::server_reflection_client::ServerReflectionClient;
+    use v1alpha::server_reflection_request::MessageRequest;
+    use v1alpha::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(Stack::channel(process).await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1alpha answers")
+        .into_inner();
+    match stream
+        .message()
+        .await
+        .expect("a reply")
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection reply {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn both_services_serve_health_and_reflection() {
+    let stack = Stack::start().await;
+    for (process, services) in [
+        (&stack.auth, AUTH_SERVICES),
+        (&stack.referral, REFERRAL_SERVICES),
+    ] {
+        assert_eq!(process.health("").await, Some(ServingStatus::Serving));
+        for service in services {
+            assert_eq!(
+                process.health(service).await,
+                Some(ServingStatus::Serving),
+                "{service}"
+            );
+        }
+        for listed in [
+            list_services_v1(process).await,
+            list_services_v1alpha(process).await,
+        ] {
+            for service in services.iter().chain(&["grpc.health.v1.Health"]) {
+                assert!(
+                    listed.iter().any(|s| s == service),
+                    "{service} not in {listed:?}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bad_setting_exits_2_with_one_clear_line() {
+    for (binary, key) in [
+        ("auth-service", "OTP_LENGTH"),
+        ("referral-service", "REFERRAL_GRPC_ADDR"),
+        ("auth-service", "AUTH_GRPC_ADDR"),
+        ("referral-service", "BONUS_INVITER"),
+    ] {
+        let (status, output) = run_to_exit(binary, &[(key, "nonsense")], &[]).await;
+        assert_eq!(status.code(), Some(2), "{binary} {key}: {output}");
+        let line = output.lines().find(|l| l.contains(key)).unwrap_or_default();
+        assert!(
+            line.contains("nonsense"),
+            "{binary}: no line names {key}: {output}"
+        );
+        assert!(!output.contains("panicked"), "{binary} panicked: {output}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_reports_not_serving_then_exits_0() {
+    let mut stack = Stack::start().await;
+    for process in [&mut stack.auth, &mut stack.referral] {
+        process.terminate();
+        // SHUTDOWN_DELAY_SECONDS=1 in the stack: health answers NOT_SERVING before the port closes.
+        let mut saw_not_serving = false;
+        for _ in 0..40 {
+            match process.health("").await {
+                Some(ServingStatus::NotServing) => {
+                    saw_not_serving = true;
+                    break;
+                }
+                None => break,
+                _ => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+        assert!(
+            saw_not_serving,
+            "{} never reported NOT_SERVING",
+            process.name
+        );
+        let status = process.wait_exit(Duration::from_secs(15)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{}:\n{}",
+            process.name,
+            process.logs()
+        );
+    }
+}
