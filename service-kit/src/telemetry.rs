@@ -122,10 +122,10 @@ pub fn inject_context(metadata: &mut tonic::metadata::MetadataMap) {
     });
 }
 
-/// The W3C trace id of the current span, for tests and log correlation.
-pub fn current_trace_id() -> Option<String> {
+/// The W3C trace id of `span`, when it belongs to a trace.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
-    let context = tracing::Span::current().context();
+    let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context
         .is_valid()

@@ -2,3 +2,4 @@
 //! One test binary on purpose: each extra one costs a link on 2 cores.
 
 mod foundation;
+mod journey;
