@@ -3,7 +3,7 @@
 use e2e_tests::Stack;
 use e2e_tests::stack::bearer;
 use refsys_proto::auth::v1::{
-    InviteCodeOutcome, IntrospectTokenRequest, RefreshTokensRequest, RevokeTokenRequest,
+    IntrospectTokenRequest, InviteCodeOutcome, RefreshTokensRequest, RevokeTokenRequest,
 };
 use refsys_proto::referral::v1::{
     ActivateInviteCodeRequest, GetProfileRequest, GetUserRequest, ListBonusTransactionsRequest,
@@ -38,7 +38,9 @@ async fn sign_in_profile_activate_refresh_sign_out() {
 
     // Bob signs in with Alice's code (lower case, spaces): applied at sign-in.
     let code_typed_by_bob = format!("  {} ", alice_profile.invite_code.to_lowercase());
-    let bob = stack.sign_in("+447911123456", Some(&code_typed_by_bob)).await;
+    let bob = stack
+        .sign_in("+447911123456", Some(&code_typed_by_bob))
+        .await;
     assert!(bob.invite_code_applied);
     assert_eq!(bob.invite_code_outcome(), InviteCodeOutcome::Applied);
 
@@ -56,7 +58,10 @@ async fn sign_in_profile_activate_refresh_sign_out() {
         .into_inner()
         .profile
         .expect("profile");
-    assert_eq!(carol_profile.activated_invite_code, alice_profile.invite_code);
+    assert_eq!(
+        carol_profile.activated_invite_code,
+        alice_profile.invite_code
+    );
     assert_eq!(carol_profile.bonus_points, 100);
     let again = referral
         .activate_invite_code(bearer(
@@ -79,8 +84,15 @@ async fn sign_in_profile_activate_refresh_sign_out() {
         .expect("profile");
     assert_eq!(alice_profile.bonus_points, 400);
     assert_eq!(alice_profile.invitees_count, 2);
-    let invitee_ids: Vec<_> = alice_profile.invitees.iter().map(|i| i.user_id.clone()).collect();
-    assert_eq!(invitee_ids, vec![bob.user_id.clone(), carol.user_id.clone()]);
+    let invitee_ids: Vec<_> = alice_profile
+        .invitees
+        .iter()
+        .map(|i| i.user_id.clone())
+        .collect();
+    assert_eq!(
+        invitee_ids,
+        vec![bob.user_id.clone(), carol.user_id.clone()]
+    );
     let page = referral
         .list_invitees(bearer(
             ListInviteesRequest {
@@ -128,7 +140,10 @@ async fn sign_in_profile_activate_refresh_sign_out() {
         .into_inner()
         .profile
         .expect("profile");
-    assert_eq!((updated.first_name.as_str(), updated.email.as_str()), ("Alice", "alice@example.com"));
+    assert_eq!(
+        (updated.first_name.as_str(), updated.email.as_str()),
+        ("Alice", "alice@example.com")
+    );
     let public = referral
         .get_user(bearer(
             GetUserRequest {
@@ -209,6 +224,9 @@ async fn sign_in_profile_activate_refresh_sign_out() {
     }
     for (_, body) in stack.sms.messages().await {
         let code: String = body.chars().filter(char::is_ascii_digit).collect();
-        assert!(!logs.contains(&format!("\"{code}\"")), "a code leaked into the logs");
+        assert!(
+            !logs.contains(&format!("\"{code}\"")),
+            "a code leaked into the logs"
+        );
     }
 }
