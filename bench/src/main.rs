@@ -1,0 +1,177 @@
+//! refsys load generator: starts the real stack (release binaries when built with --release)
+//! against local Postgres and a private Redis, drives each scenario with N concurrent callers
+//! for a fixed time, and prints requests/s, latency percentiles, errors by gRPC code and the
+//! services' peak RSS. `--write docs/BENCHMARKS.md` also writes the report there.
+//!
+//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale] [--write FILE]
+
+mod capture;
+mod scenarios;
+mod seed;
+mod stats;
+
+use std::time::{Duration, Instant};
+
+use e2e_tests::{Stack, StackOptions};
+
+pub struct Options {
+    pub seconds: u64,
+    pub concurrency: usize,
+    pub scenarios: Vec<String>,
+    pub write: Option<String>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut options = Options {
+        seconds: 10,
+        concurrency: 64,
+        scenarios: ["signin", "profile", "activate", "refresh", "mixed", "scale"]
+            .map(String::from)
+            .to_vec(),
+        write: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--seconds" => {
+                options.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
+            }
+            "--concurrency" => {
+                options.concurrency = value()?
+                    .parse()
+                    .map_err(|e| format!("--concurrency: {e}"))?;
+            }
+            "--scenarios" => options.scenarios = value()?.split(',').map(str::to_owned).collect(),
+            "--write" => options.write = Some(value()?),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(options)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let memory_gb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .next()
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!(
+        "{cores} cores ({cpu}), {memory_gb:.0} GiB RAM; load generator, both services, Postgres and Redis on the same machine"
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let options = match parse_args() {
+        Ok(options) => options,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(2);
+        }
+    };
+    let capture = capture::CodeCapture::default();
+    let capture_url = capture.start().await;
+    let unlimited = "1000000000".to_owned();
+    let started = Instant::now();
+    let stack = Stack::start_with(StackOptions {
+        auth_env: vec![
+            ("TWILIO_API_BASE", capture_url),
+            ("RUST_LOG", "warn".into()),
+            ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", unlimited.clone()),
+            ("OTP_MAX_SENDS_PER_PHONE_PER_HOUR", unlimited.clone()),
+            ("OTP_RESEND_COOLDOWN_SECONDS", "1".into()),
+        ],
+        referral_env: vec![
+            ("RUST_LOG", "warn".into()),
+            ("DATABASE_MAX_CONNECTIONS", "16".into()),
+        ],
+    })
+    .await;
+    let stack_start = started.elapsed();
+    let (auth_idle, _) = stats::rss_mb(stack.auth.pid());
+    let (referral_idle, _) = stats::rss_mb(stack.referral.pid());
+
+    let bench = scenarios::Bench::new(&stack, capture, options.concurrency).await;
+    let duration = Duration::from_secs(options.seconds);
+    let mut report = vec![stats::Summary::header().to_owned()];
+    let mut notes = Vec::new();
+    println!("{}", stats::Summary::header());
+    for scenario in &options.scenarios {
+        let summaries = match scenario.as_str() {
+            "signin" => vec![bench.signin(duration).await],
+            "profile" => vec![bench.profile(duration).await],
+            "activate" => {
+                let (summary, note) = bench.activate(duration).await;
+                notes.push(note);
+                vec![summary]
+            }
+            "refresh" => vec![bench.refresh(duration).await],
+            "mixed" => vec![bench.mixed(duration).await],
+            "scale" => {
+                let (summaries, note) = seed::scale(&bench, &stack, duration).await;
+                notes.push(note);
+                summaries
+            }
+            other => {
+                eprintln!("error: unknown scenario {other}");
+                std::process::exit(2);
+            }
+        };
+        for mut summary in summaries {
+            summary.auth_rss_mb = stats::rss_mb(stack.auth.pid()).1;
+            summary.referral_rss_mb = stats::rss_mb(stack.referral.pid()).1;
+            println!("{}", summary.row());
+            report.push(summary.row());
+        }
+    }
+
+    // Time to SERVING from a cold process start (migrations already applied).
+    let mut stack = stack;
+    let restart = Instant::now();
+    stack.referral.restart().await;
+    let referral_ready = restart.elapsed();
+    let restart = Instant::now();
+    stack.auth.restart().await;
+    let auth_ready = restart.elapsed();
+
+    let summary = format!(
+        "\nIdle RSS after start: auth-service {auth_idle:.1} MB, referral-service {referral_idle:.1} MB.\n\
+         Time to SERVING after a restart: auth-service {} ms, referral-service {} ms (whole stack incl. database creation and migrations: {} ms).\n\
+         {}\n",
+        auth_ready.as_millis(),
+        referral_ready.as_millis(),
+        stack_start.as_millis(),
+        notes.join("\n")
+    );
+    println!("{summary}");
+    if let Some(path) = options.write {
+        let document = format!(
+            "# Benchmarks\n\nMeasured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`).\n\n\
+             Machine: {}.\n\n{}\n{}",
+            options.seconds,
+            options.concurrency,
+            machine_description(),
+            report.join("\n"),
+            summary
+        );
+        if let Err(err) = std::fs::write(&path, document) {
+            eprintln!("error: cannot write {path}: {err}");
+            std::process::exit(1);
+        }
+    }
+}
