@@ -160,18 +160,46 @@ async fn main() {
     );
     println!("{summary}");
     if let Some(path) = options.write {
-        let document = format!(
-            "# Benchmarks\n\nMeasured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`).\n\n\
+        let results = format!(
+            "Measured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`) on {}.\n\n\
              Machine: {}.\n\n{}\n{}",
             options.seconds,
             options.concurrency,
+            today(),
             machine_description(),
             report.join("\n"),
             summary
         );
-        if let Err(err) = std::fs::write(&path, document) {
+        if let Err(err) = write_results(&path, &results) {
             eprintln!("error: cannot write {path}: {err}");
             std::process::exit(1);
         }
     }
+}
+
+const RESULTS_START: &str = "<!-- loadgen results: start -->";
+const RESULTS_END: &str = "<!-- loadgen results: end -->";
+
+/// Replaces the generated part of the report (between the markers) and keeps the hand-written
+/// analysis around it; creates the file when it does not exist.
+fn write_results(path: &str, results: &str) -> std::io::Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{RESULTS_START}\n{results}\n{RESULTS_END}");
+    let document = match (existing.find(RESULTS_START), existing.find(RESULTS_END)) {
+        (Some(start), Some(end)) if start < end => format!(
+            "{}{block}{}",
+            &existing[..start],
+            &existing[end + RESULTS_END.len()..]
+        ),
+        _ => format!("# Benchmarks\n\n{block}\n"),
+    };
+    std::fs::write(path, document)
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
