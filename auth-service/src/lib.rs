@@ -1,1 +1,3 @@
-//! placeholder
+//! refsys auth-service: proves a caller holds a phone number and turns that proof into tokens.
+
+pub mod phone;

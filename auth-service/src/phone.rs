@@ -1,0 +1,179 @@
+//! Phone numbers: parsed and normalised to E.164 with the `phonenumber` crate (a libphonenumber
+//! port), so the same person written two ways is one key. Never printed in full: `Display` and
+//! `Debug` show the masked form (`+7960***3017`); only [`PhoneNumber::e164`] gives the number.
+
+use std::fmt;
+
+pub use phonenumber::country::Id as Region;
+use phonenumber::{Mode, ParseError};
+
+/// Longest input accepted before parsing (formatting characters included).
+const MAX_INPUT_LEN: usize = 40;
+
+/// A valid phone number in E.164 form (`+79601233017`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PhoneNumber(String);
+
+/// Why a phone number was refused. The message is safe to show to the caller (it never repeats
+/// the number).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("phone number is empty")]
+    Empty,
+    #[error("phone number is too long")]
+    TooLong,
+    #[error("phone number may contain only digits, spaces, dashes, brackets and a leading '+'")]
+    BadCharacter,
+    #[error("phone number must be in international format, starting with '+' and the country code")]
+    NeedsCountryCode,
+    #[error("phone number is not a valid number")]
+    Invalid,
+}
+
+impl PhoneNumber {
+    /// Parses a number typed by a person. Spaces, dashes and brackets are ignored; letters and
+    /// anything else are refused. Without `default_region` the number must start with `+`;
+    /// with it, national formats of that region are accepted too. Too short, too long,
+    /// impossible and unassigned numbers are refused.
+    pub fn parse(input: &str, default_region: Option<Region>) -> Result<Self, PhoneError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(PhoneError::Empty);
+        }
+        if trimmed.len() > MAX_INPUT_LEN {
+            return Err(PhoneError::TooLong);
+        }
+        let mut digits = String::with_capacity(trimmed.len());
+        for (i, c) in trimmed.char_indices() {
+            match c {
+                '0'..='9' => digits.push(c),
+                '+' if i == 0 => digits.push(c),
+                ' ' | '-' | '(' | ')' => {}
+                _ => return Err(PhoneError::BadCharacter),
+            }
+        }
+        let international = digits.starts_with('+');
+        if !international && default_region.is_none() {
+            return Err(PhoneError::NeedsCountryCode);
+        }
+        if digits.len() < 3 {
+            return Err(PhoneError::Invalid);
+        }
+        let region = if international { None } else { default_region };
+        let parsed = phonenumber::parse(region, &digits).map_err(|err| match err {
+            ParseError::TooLong => PhoneError::TooLong,
+            _ => PhoneError::Invalid,
+        })?;
+        if parsed.extension().is_some() || !parsed.is_valid() {
+            return Err(PhoneError::Invalid);
+        }
+        let e164 = parsed.format().mode(Mode::E164).to_string();
+        // E.164: '+' and at most 15 digits.
+        if !e164.starts_with('+') || e164.len() > 16 || e164.len() < 4 {
+            return Err(PhoneError::Invalid);
+        }
+        Ok(Self(e164))
+    }
+
+    /// The full E.164 number. For storage keys and outbound SMS only; never log it.
+    pub fn e164(&self) -> &str {
+        &self.0
+    }
+
+    /// A loggable form that hides the middle digits: `+7960***3017`.
+    pub fn masked(&self) -> String {
+        let s = &self.0; // ASCII only: '+' and digits
+        let (head, tail) = if s.len() >= 11 { (5, 4) } else { (3, 2) };
+        format!("{}***{}", &s[..head], &s[s.len() - tail..])
+    }
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+impl fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PhoneNumber({})", self.masked())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_spellings_of_one_number_are_equal() {
+        let a = PhoneNumber::parse("+7 960 123-30-17", None).unwrap();
+        let b = PhoneNumber::parse("+7 (960) 1233017", None).unwrap();
+        let c = PhoneNumber::parse("+79601233017", None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_eq!(a.e164(), "+79601233017");
+    }
+
+    #[test]
+    fn national_format_needs_a_default_region() {
+        assert_eq!(
+            PhoneNumber::parse("8 960 123-30-17", None),
+            Err(PhoneError::NeedsCountryCode)
+        );
+        let national = PhoneNumber::parse("8 (960) 123-30-17", Some(Region::RU)).unwrap();
+        assert_eq!(national.e164(), "+79601233017");
+        // An international number still wins over the default region.
+        let us = PhoneNumber::parse("+1 650-253-0000", Some(Region::RU)).unwrap();
+        assert_eq!(us.e164(), "+16502530000");
+    }
+
+    #[test]
+    fn letters_and_junk_are_refused() {
+        for input in [
+            "+7 960 CALL-NOW",
+            "+7960123301a",
+            "+7 960 123 30 17 ext 5",
+            "+7*960",
+        ] {
+            assert_eq!(
+                PhoneNumber::parse(input, None),
+                Err(PhoneError::BadCharacter),
+                "{input}"
+            );
+        }
+        assert_eq!(PhoneNumber::parse("  ", None), Err(PhoneError::Empty));
+        assert_eq!(
+            PhoneNumber::parse("7+9601233017", None),
+            Err(PhoneError::BadCharacter)
+        );
+    }
+
+    #[test]
+    fn too_short_too_long_and_impossible_numbers_are_refused() {
+        for input in [
+            "+7",
+            "+7 960",
+            "+7 960 123",
+            "+7 960 123 30 17 1",
+            "+7 960 123 30 17 12345678",
+            "+999 123 456 789",
+            "+1 000 000 0000",
+        ] {
+            assert!(PhoneNumber::parse(input, None).is_err(), "{input} accepted");
+        }
+        assert_eq!(
+            PhoneNumber::parse(&"1".repeat(60), None),
+            Err(PhoneError::TooLong)
+        );
+    }
+
+    #[test]
+    fn display_and_debug_are_masked() {
+        let phone = PhoneNumber::parse("+79601233017", None).unwrap();
+        assert_eq!(phone.masked(), "+7960***3017");
+        assert_eq!(phone.to_string(), "+7960***3017");
+        let debug = format!("{phone:?}");
+        assert!(!debug.contains("79601233017"), "{debug}");
+        assert!(debug.contains("+7960***3017"));
+    }
+}
