@@ -1,1 +1,121 @@
-//! placeholder
+//! referral-service: users, invite codes, the bonus ledger and profiles, in Postgres.
+//!
+//! Layers: `domain` (validated values), `rules` (pure programme rules), `storage` (sqlx),
+//! `grpc` (handlers and conversions), `error` (the one error type and its gRPC mapping).
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod rules;
+pub mod storage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use refsys_proto::referral::v1::admin_service_server::AdminServiceServer;
+use refsys_proto::referral::v1::referral_service_server::ReferralServiceServer;
+use refsys_proto::referral::v1::user_directory_server::UserDirectoryServer;
+use service_kit::authn::{Authenticated, Authenticator, RemoteJwks, Requirement};
+use service_kit::server::{App, MAX_DECODE_BYTES, ServeError};
+use service_kit::tokens::{ENSURE_USER_SCOPE, KeySet, REFERRAL_SERVICE_AUDIENCE, Verifier};
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+
+use crate::config::Config;
+use crate::storage::Repository;
+
+/// How often auth-service's keys are refetched, and the least time between on-demand fetches
+/// triggered by an unknown `kid`.
+const JWKS_REFRESH: Duration = Duration::from_secs(300);
+const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database: {0}")]
+    Database(#[from] error::ReferralError),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("AUTH_GRPC_URL: {0}")]
+    AuthUrl(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+pub async fn repository(config: &Config) -> Result<Repository, StartError> {
+    let pool = storage::connect(
+        &config.database_url,
+        config.database_max_connections,
+        config.database_acquire_timeout,
+    )
+    .await?;
+    Ok(Repository::new(pool, config.bonuses))
+}
+
+/// Serves the three gRPC services on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let repository = repository(config).await?;
+    if config.run_migrations {
+        storage::MIGRATOR.run(repository.pool()).await?;
+    }
+
+    let verifier = Arc::new(Verifier::new(
+        &config.jwt_issuer,
+        &[&config.jwt_audience, REFERRAL_SERVICE_AUDIENCE],
+        KeySet::default(),
+    ));
+    let jwks = RemoteJwks::new(&config.auth_grpc_url, verifier.clone(), JWKS_MIN_REFETCH)?;
+    let refresher = jwks.spawn_refresher(JWKS_REFRESH);
+    let authenticator = Arc::new(Authenticator::new(
+        verifier,
+        &config.jwt_audience,
+        REFERRAL_SERVICE_AUDIENCE,
+        Some(jwks),
+    ));
+
+    let referral = ReferralServiceServer::new(grpc::ReferralHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let directory = UserDirectoryServer::new(grpc::DirectoryHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let admin = AdminServiceServer::new(grpc::AdminHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let routes = tonic::service::Routes::builder()
+        .add_service(Authenticated::new(
+            referral,
+            authenticator.clone(),
+            Requirement::User,
+        ))
+        .add_service(Authenticated::new(
+            directory,
+            authenticator.clone(),
+            Requirement::Service {
+                scope: ENSURE_USER_SCOPE,
+            },
+        ))
+        .add_service(Authenticated::new(admin, authenticator, Requirement::Admin))
+        .clone()
+        .routes();
+
+    let readiness_repository = repository.clone();
+    let app = App {
+        routes,
+        service_names: vec![
+            <ReferralServiceServer<grpc::ReferralHandler> as NamedService>::NAME,
+            <UserDirectoryServer<grpc::DirectoryHandler> as NamedService>::NAME,
+            <AdminServiceServer<grpc::AdminHandler> as NamedService>::NAME,
+        ],
+        readiness: Some(Arc::new(move || {
+            let repository = readiness_repository.clone();
+            Box::pin(async move { repository.is_reachable().await })
+        })),
+    };
+    tracing::info!(addr = %config.grpc_addr, "referral-service listening");
+    let served = service_kit::server::serve(listener, app, &config.server, shutdown).await;
+    refresher.abort();
+    repository.pool().close().await;
+    Ok(served?)
+}

@@ -13,6 +13,8 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
+pub use prometheus::{IntCounter, IntCounterVec as LabelledCounter};
+
 /// Every metric of the process lives here.
 pub fn registry() -> &'static Registry {
     static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -23,6 +25,16 @@ pub fn registry() -> &'static Registry {
 /// programming error) yields an unregistered counter rather than a crash.
 pub fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
+    if let Err(err) = registry().register(Box::new(counter.clone())) {
+        tracing::error!(metric = name, %err, "metric registered twice");
+    }
+    counter
+}
+
+/// A counter without labels, registered once under `name` (shown as 0 until it counts).
+pub fn counter(name: &str, help: &str) -> prometheus::IntCounter {
+    let counter = prometheus::IntCounter::new(name, help)
         .unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
     if let Err(err) = registry().register(Box::new(counter.clone())) {
         tracing::error!(metric = name, %err, "metric registered twice");

@@ -1,0 +1,82 @@
+//! referral-service settings, from the environment (see README.md for the table).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use service_kit::config::{ConfigError, ServerSettings, Settings, Source};
+
+use crate::storage::Bonuses;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub database_acquire_timeout: Duration,
+    pub run_migrations: bool,
+    pub auth_grpc_url: String,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub bonuses: Bonuses,
+    pub server: ServerSettings,
+}
+
+impl Config {
+    pub fn from_source<S: Source>(settings: &Settings<S>) -> Result<Self, ConfigError> {
+        let database_url = settings
+            .raw("DATABASE_URL")
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/refsys".to_owned());
+        if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "<hidden>",
+                "expected a postgres:// URL",
+            ));
+        }
+        Ok(Self {
+            grpc_addr: settings.socket_addr("REFERRAL_GRPC_ADDR", "0.0.0.0:50052")?,
+            database_url,
+            database_max_connections: settings.get_in_range(
+                "DATABASE_MAX_CONNECTIONS",
+                10,
+                1..=1000,
+            )?,
+            database_acquire_timeout: settings.seconds("DATABASE_ACQUIRE_TIMEOUT_SECONDS", 3)?,
+            run_migrations: settings.flag("RUN_MIGRATIONS", true)?,
+            auth_grpc_url: settings.url("AUTH_GRPC_URL", "http://127.0.0.1:50051")?,
+            jwt_issuer: settings.get_or("JWT_ISSUER", "refsys-auth".to_owned())?,
+            jwt_audience: settings.get_or("JWT_AUDIENCE", "refsys".to_owned())?,
+            bonuses: Bonuses {
+                invitee: settings.get_in_range("BONUS_INVITEE", 100, 0..=1_000_000)?,
+                inviter: settings.get_in_range("BONUS_INVITER", 200, 0..=1_000_000)?,
+            },
+            server: ServerSettings::from_source(settings)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_settings() {
+        let config = Config::from_source(&Settings([("UNRELATED", "")])).unwrap();
+        assert_eq!(config.grpc_addr.port(), 50052);
+        assert_eq!((config.bonuses.invitee, config.bonuses.inviter), (100, 200));
+        assert!(config.run_migrations);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (key, value) in [
+            ("BONUS_INVITER", "lots"),
+            ("RUN_MIGRATIONS", "perhaps"),
+            ("AUTH_GRPC_URL", "auth:50051"),
+            ("DATABASE_URL", "mysql://x"),
+        ] {
+            let err = Config::from_source(&Settings([(key, value)])).unwrap_err();
+            assert_eq!(err.key, key);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Domain values, each with one parsing constructor, so anything past the edge is valid.
+
+use rand::Rng;
+
+use crate::error::ReferralError;
+
+/// Digits and uppercase letters without the look-alikes 0/O, 1/I/L.
+pub const INVITE_ALPHABET: &[u8] = b"23456789ABCDEFGHJKMNPQRSTUVWXYZ";
+pub const INVITE_CODE_LENGTH: usize = 6;
+
+/// A user's invite code: 6 characters of [`INVITE_ALPHABET`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InviteCode(String);
+
+impl InviteCode {
+    /// Accepts what people type: surrounding spaces and lower case are fine.
+    pub fn parse(input: &str) -> Result<Self, ReferralError> {
+        let code = input.trim().to_ascii_uppercase();
+        let valid =
+            code.len() == INVITE_CODE_LENGTH && code.bytes().all(|b| INVITE_ALPHABET.contains(&b));
+        if valid {
+            Ok(Self(code))
+        } else {
+            Err(ReferralError::invalid(
+                "invite_code",
+                "an invite code is 6 characters from 23456789ABCDEFGHJKMNPQRSTUVWXYZ",
+            ))
+        }
+    }
+
+    /// A new random code from `rng` (a CSPRNG in production).
+    pub fn generate(rng: &mut impl Rng) -> Self {
+        let code = (0..INVITE_CODE_LENGTH)
+            .map(|_| char::from(INVITE_ALPHABET[rng.random_range(0..INVITE_ALPHABET.len())]))
+            .collect();
+        Self(code)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A phone number in E.164, as auth-service normalised it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    pub fn parse(input: &str) -> Result<Self, ReferralError> {
+        let digits = input.strip_prefix('+').unwrap_or("");
+        let valid = (8..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+        if valid {
+            Ok(Self(input.to_owned()))
+        } else {
+            Err(ReferralError::invalid(
+                "phone_number",
+                "expected E.164: '+' and 8 to 15 digits",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Logs show a masked number only.
+impl std::fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keep = self.0.len().saturating_sub(4);
+        write!(f, "{}***{}", &self.0[..5.min(keep)], &self.0[keep..])
+    }
+}
+
+/// A prefix of E.164 numbers ("+7960"), for the admin filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhonePrefix(String);
+
+impl PhonePrefix {
+    pub fn parse(input: &str) -> Result<Option<Self>, ReferralError> {
+        let input = input.trim();
+        if input.is_empty() {
+            return Ok(None);
+        }
+        let digits = input.strip_prefix('+').unwrap_or("");
+        if digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(Some(Self(input.to_owned())))
+        } else {
+            Err(ReferralError::invalid(
+                "filter",
+                "expected a phone number prefix such as \"+7960\"",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A user id (UUIDv7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(pub uuid::Uuid);
+
+impl UserId {
+    pub fn parse(input: &str, field: &'static str) -> Result<Self, ReferralError> {
+        uuid::Uuid::parse_str(input.trim())
+            .map(Self)
+            .map_err(|_| ReferralError::invalid(field, "expected a user id (UUID)"))
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+const MAX_NAME_CHARS: usize = 100;
+const MAX_EMAIL_CHARS: usize = 254;
+
+/// A first or last name: trimmed, at most 100 characters, no control characters.
+pub fn parse_name(input: &str, field: &'static str) -> Result<String, ReferralError> {
+    let name = input.trim();
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(ReferralError::invalid(field, "at most 100 characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ReferralError::invalid(field, "no control characters"));
+    }
+    Ok(name.to_owned())
+}
+
+/// An e-mail address: empty (none), or one '@' with a non-empty local part and a dotted domain.
+pub fn parse_email(input: &str) -> Result<String, ReferralError> {
+    let email = input.trim();
+    if email.is_empty() {
+        return Ok(String::new());
+    }
+    let well_formed = email.chars().count() <= MAX_EMAIL_CHARS
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && match email.split_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !domain.contains('@')
+                    && domain.contains('.')
+                    && !domain.starts_with('.')
+                    && !domain.ends_with('.')
+                    && !domain.contains("..")
+            }
+            None => false,
+        };
+    if well_formed {
+        Ok(email.to_owned())
+    } else {
+        Err(ReferralError::invalid(
+            "email",
+            "not a valid e-mail address",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn invite_codes_are_trimmed_and_upper_cased() {
+        assert_eq!(InviteCode::parse("  7kq2mx ").unwrap().as_str(), "7KQ2MX");
+        for bad in [
+            "", "7KQ2M", "7KQ2MXX", "7KQ2M0", "OKQ2MX", "1KQ2MX", "IKQ2MX", "LKQ2MX", "7KQ 2M",
+        ] {
+            assert!(InviteCode::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn generated_codes_parse_and_vary() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let codes: std::collections::HashSet<_> =
+            (0..1000).map(|_| InviteCode::generate(&mut rng)).collect();
+        assert!(codes.len() > 990);
+        for code in &codes {
+            assert_eq!(InviteCode::parse(code.as_str()).as_ref(), Ok(code));
+        }
+    }
+
+    #[test]
+    fn phone_numbers_must_be_e164_and_log_masked() {
+        let phone = PhoneNumber::parse("+79601233017").unwrap();
+        assert_eq!(format!("{phone:?}"), "+7960***3017");
+        for bad in [
+            "79601233017",
+            "+7960",
+            "+7960123301712345",
+            "+7 960",
+            "+07960123301",
+        ] {
+            assert!(PhoneNumber::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn emails_and_names_are_validated() {
+        assert_eq!(parse_email(" ada@example.com ").unwrap(), "ada@example.com");
+        assert_eq!(parse_email("").unwrap(), "");
+        for bad in [
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a b@example.com",
+            "a@@b.com",
+            "a@b..com",
+        ] {
+            assert!(parse_email(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_name("  Ada ", "first_name").unwrap(), "Ada");
+        assert!(parse_name(&"x".repeat(101), "first_name").is_err());
+        assert!(parse_name("A\u{0}", "first_name").is_err());
+    }
+}

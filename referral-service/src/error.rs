@@ -1,0 +1,132 @@
+//! The one error type of referral-service and its exhaustive mapping to gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferralError {
+    #[error("{field}: {description}")]
+    InvalidArgument {
+        field: &'static str,
+        description: String,
+    },
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("an invite code was already activated; only one is allowed")]
+    AlreadyActivated,
+    #[error("you cannot activate your own invite code")]
+    OwnCode,
+    #[error("only the invite code of someone who joined before you can be activated")]
+    InviterJoinedLater,
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ReferralError {
+    pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            description: description.into(),
+        }
+    }
+}
+
+impl From<ReferralError> for Status {
+    fn from(error: ReferralError) -> Self {
+        match error {
+            ReferralError::InvalidArgument { field, description } => Status::with_error_details(
+                Code::InvalidArgument,
+                format!("{field}: {description}"),
+                ErrorDetails::with_bad_request_violation(field, description),
+            ),
+            ReferralError::NotFound(_) => Status::not_found(error.to_string()),
+            ReferralError::AlreadyActivated
+            | ReferralError::OwnCode
+            | ReferralError::InviterJoinedLater => Status::failed_precondition(error.to_string()),
+            ReferralError::Unavailable(reason) => {
+                tracing::warn!(%reason, "storage unavailable");
+                Status::unavailable("storage is unavailable; retry shortly")
+            }
+            ReferralError::Internal(reason) => {
+                tracing::error!(%reason, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Postgres error classes that mean "the database went away", worth a retry.
+fn is_connection_loss(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("57P") // operator intervention: admin shutdown, crash shutdown
+        || code == "53300" // too many connections
+        || code == "40001" // serialization failure
+        || code == "40P01" // deadlock detected
+}
+
+impl From<sqlx::Error> for ReferralError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => Self::Unavailable(error.to_string()),
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| is_connection_loss(&c)) => {
+                Self::Unavailable(error.to_string())
+            }
+            _ => Self::Internal(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_status_code() {
+        let cases = [
+            (
+                ReferralError::invalid("email", "bad"),
+                Code::InvalidArgument,
+            ),
+            (ReferralError::NotFound("invite code"), Code::NotFound),
+            (ReferralError::AlreadyActivated, Code::FailedPrecondition),
+            (ReferralError::OwnCode, Code::FailedPrecondition),
+            (ReferralError::InviterJoinedLater, Code::FailedPrecondition),
+            (ReferralError::Unavailable("x".into()), Code::Unavailable),
+            (
+                ReferralError::Internal("secret detail".into()),
+                Code::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code);
+            assert!(!status.message().contains("secret detail"));
+        }
+    }
+
+    #[test]
+    fn invalid_arguments_carry_a_field_violation() {
+        let status = Status::from(ReferralError::invalid(
+            "email",
+            "not a valid e-mail address",
+        ));
+        let details = status.get_error_details();
+        let violation = &details.bad_request().expect("BadRequest").field_violations[0];
+        assert_eq!(violation.field, "email");
+    }
+
+    #[test]
+    fn a_pool_timeout_is_unavailable() {
+        assert!(matches!(
+            ReferralError::from(sqlx::Error::PoolTimedOut),
+            ReferralError::Unavailable(_)
+        ));
+    }
+}

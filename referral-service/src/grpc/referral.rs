@@ -1,0 +1,159 @@
+//! `refsys.referral.v1.ReferralService`: what a signed-in user calls.
+
+use std::sync::LazyLock;
+
+use refsys_proto::referral::v1 as pb;
+use refsys_proto::referral::v1::referral_service_server::ReferralService;
+use tonic::{Request, Response, Status};
+
+use super::{caller_id, convert};
+use crate::domain::{InviteCode, UserId, parse_email, parse_name};
+use crate::rules::{self, Cursor, ProfileField};
+use crate::storage::Repository;
+
+pub static ACTIVATIONS: LazyLock<service_kit::metrics::IntCounter> = LazyLock::new(|| {
+    service_kit::metrics::counter(
+        "refsys_invite_activations_total",
+        "Invite codes activated (through the API or at sign-in).",
+    )
+});
+
+pub struct ReferralHandler {
+    repository: Repository,
+}
+
+impl ReferralHandler {
+    pub fn new(repository: Repository) -> Self {
+        LazyLock::force(&ACTIVATIONS);
+        Self { repository }
+    }
+
+    async fn profile(&self, id: UserId) -> Result<pb::Profile, Status> {
+        let (user, invitees) = tokio::try_join!(
+            self.repository.user(id),
+            self.repository.invitees(id, None, rules::PROFILE_INVITEES),
+        )?;
+        Ok(convert::profile(user, invitees.items))
+    }
+
+    async fn activate(&self, id: UserId, code: &str) -> Result<(), Status> {
+        let code = InviteCode::parse(code)?;
+        self.repository.activate(id, &code).await?;
+        ACTIVATIONS.inc();
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ReferralService for ReferralHandler {
+    async fn get_profile(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let id = caller_id(&request)?;
+        Ok(Response::new(pb::GetProfileResponse {
+            profile: Some(self.profile(id).await?),
+        }))
+    }
+
+    async fn update_profile(
+        &self,
+        request: Request<pb::UpdateProfileRequest>,
+    ) -> Result<Response<pb::UpdateProfileResponse>, Status> {
+        let id = caller_id(&request)?;
+        let message = request.into_inner();
+        let paths = message
+            .update_mask
+            .map(|mask| mask.paths)
+            .unwrap_or_default();
+        let fields = rules::profile_mask(&paths)?;
+        let changes = message.profile.unwrap_or_default();
+        let wants = |field| fields.contains(&field);
+        // Validate everything before changing anything.
+        let first_name = wants(ProfileField::FirstName)
+            .then(|| parse_name(&changes.first_name, "profile.first_name"))
+            .transpose()?;
+        let last_name = wants(ProfileField::LastName)
+            .then(|| parse_name(&changes.last_name, "profile.last_name"))
+            .transpose()?;
+        let email = wants(ProfileField::Email)
+            .then(|| parse_email(&changes.email))
+            .transpose()?;
+        let invite_code = wants(ProfileField::ActivatedInviteCode)
+            .then(|| InviteCode::parse(&changes.activated_invite_code))
+            .transpose()?;
+        if let Some(code) = invite_code {
+            self.activate(id, code.as_str()).await?;
+        }
+        if first_name.is_some() || last_name.is_some() || email.is_some() {
+            self.repository
+                .update_fields(
+                    id,
+                    first_name.as_deref(),
+                    last_name.as_deref(),
+                    email.as_deref(),
+                )
+                .await?;
+        }
+        Ok(Response::new(pb::UpdateProfileResponse {
+            profile: Some(self.profile(id).await?),
+        }))
+    }
+
+    async fn activate_invite_code(
+        &self,
+        request: Request<pb::ActivateInviteCodeRequest>,
+    ) -> Result<Response<pb::ActivateInviteCodeResponse>, Status> {
+        let id = caller_id(&request)?;
+        self.activate(id, &request.get_ref().invite_code).await?;
+        Ok(Response::new(pb::ActivateInviteCodeResponse {
+            profile: Some(self.profile(id).await?),
+        }))
+    }
+
+    async fn list_invitees(
+        &self,
+        request: Request<pb::ListInviteesRequest>,
+    ) -> Result<Response<pb::ListInviteesResponse>, Status> {
+        let id = caller_id(&request)?;
+        let message = request.get_ref();
+        let size = rules::page_size(message.page_size)?;
+        let cursor = Cursor::decode(&message.page_token)?;
+        let (page, user) = tokio::try_join!(
+            self.repository.invitees(id, cursor.as_ref(), size),
+            self.repository.user(id),
+        )?;
+        Ok(Response::new(pb::ListInviteesResponse {
+            next_page_token: convert::next_token(&page),
+            invitees: page.items.into_iter().map(convert::invitee).collect(),
+            total_size: user.invitees_count,
+        }))
+    }
+
+    async fn list_bonus_transactions(
+        &self,
+        request: Request<pb::ListBonusTransactionsRequest>,
+    ) -> Result<Response<pb::ListBonusTransactionsResponse>, Status> {
+        let id = caller_id(&request)?;
+        let message = request.get_ref();
+        let size = rules::page_size(message.page_size)?;
+        let cursor = Cursor::decode(&message.page_token)?;
+        let page = self.repository.ledger(id, cursor.as_ref(), size).await?;
+        Ok(Response::new(pb::ListBonusTransactionsResponse {
+            next_page_token: convert::next_token(&page),
+            transactions: page.items.into_iter().map(convert::transaction).collect(),
+        }))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        caller_id(&request)?;
+        let id = UserId::parse(&request.get_ref().user_id, "user_id")?;
+        let user = self.repository.user(id).await?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(convert::public_user(user)),
+        }))
+    }
+}

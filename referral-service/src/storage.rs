@@ -1,0 +1,466 @@
+//! Postgres storage: users, activations (ledger + rollups in one transaction), lists.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use crate::domain::{InviteCode, PhoneNumber, PhonePrefix, UserId};
+use crate::error::ReferralError;
+use crate::rules::{self, Cursor, Member};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Shards of each user's counters (see the migration).
+const COUNTER_SHARDS: i16 = 16;
+/// Attempts at a free invite code before giving up (collisions are ~1 in 887 million each).
+const INVITE_CODE_ATTEMPTS: usize = 8;
+
+/// A pool that answers "unavailable" quickly when Postgres is away and heals by itself.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<PgPool, ReferralError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(true)
+        .connect_lazy(url)
+        .map_err(|err| ReferralError::Unavailable(err.to_string()))
+}
+
+/// Points awarded per activation.
+#[derive(Debug, Clone, Copy)]
+pub struct Bonuses {
+    pub invitee: i64,
+    pub inviter: i64,
+}
+
+/// A user row with the invite code they activated and their counter sums.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub id: Uuid,
+    pub phone_number: String,
+    pub invite_code: String,
+    pub invited_by: Option<Uuid>,
+    pub invite_activated_at: Option<DateTime<Utc>>,
+    pub activated_invite_code: Option<String>,
+    pub first_name: String,
+    pub last_name: String,
+    pub email: String,
+    pub roles: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub bonus_points: i64,
+    pub invitees_count: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InviteeRecord {
+    pub id: Uuid,
+    pub phone_number: String,
+    pub activated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub amount: i64,
+    pub reason: String,
+    pub counterpart_user_id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One page of a list and the cursor of the next page, if any.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
+
+fn paginate<T>(mut rows: Vec<T>, size: i64, cursor_of: impl Fn(&T) -> Cursor) -> Page<T> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    let next = if rows.len() > size {
+        rows.truncate(size);
+        rows.last().map(cursor_of)
+    } else {
+        None
+    };
+    Page { items: rows, next }
+}
+
+/// Why an EnsureUser-time activation did not happen, or that it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InviteOutcome {
+    NotProvided,
+    Applied,
+    Refused(ReferralError),
+}
+
+type CodeGenerator = Arc<dyn Fn() -> InviteCode + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Repository {
+    pool: PgPool,
+    bonuses: Bonuses,
+    generate_code: CodeGenerator,
+}
+
+fn violated_constraint(error: &sqlx::Error) -> Option<&str> {
+    match error {
+        sqlx::Error::Database(db) => db.constraint(),
+        _ => None,
+    }
+}
+
+impl Repository {
+    pub fn new(pool: PgPool, bonuses: Bonuses) -> Self {
+        Self::with_code_generator(
+            pool,
+            bonuses,
+            Arc::new(|| InviteCode::generate(&mut rand::rng())),
+        )
+    }
+
+    /// With a chosen invite-code source, so tests can force collisions.
+    pub fn with_code_generator(
+        pool: PgPool,
+        bonuses: Bonuses,
+        generate_code: CodeGenerator,
+    ) -> Self {
+        Self {
+            pool,
+            bonuses,
+            generate_code,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether Postgres answers (for readiness).
+    pub async fn is_reachable(&self) -> bool {
+        sqlx::query_scalar!("SELECT 1 AS \"one!\"")
+            .fetch_one(&self.pool)
+            .await
+            .is_ok()
+    }
+
+    /// The user with `phone`, created on first sign-in; `true` when this call created them.
+    /// Concurrent calls for one new phone create one user.
+    pub async fn ensure_user(
+        &self,
+        phone: &PhoneNumber,
+    ) -> Result<(UserRecord, bool), ReferralError> {
+        for _ in 0..INVITE_CODE_ATTEMPTS {
+            let id = Uuid::now_v7();
+            let code = (self.generate_code)();
+            let inserted = sqlx::query_scalar!(
+                "INSERT INTO users (id, phone_number, invite_code) VALUES ($1, $2, $3)
+                 ON CONFLICT (phone_number) DO NOTHING
+                 RETURNING id",
+                id,
+                phone.as_str(),
+                code.as_str()
+            )
+            .fetch_optional(&self.pool)
+            .await;
+            match inserted {
+                Ok(Some(id)) => return Ok((self.user(UserId(id)).await?, true)),
+                Ok(None) => {
+                    let id = sqlx::query_scalar!(
+                        "SELECT id FROM users WHERE phone_number = $1",
+                        phone.as_str()
+                    )
+                    .fetch_one(&self.pool)
+                    .await?;
+                    return Ok((self.user(UserId(id)).await?, false));
+                }
+                Err(err) if violated_constraint(&err) == Some("users_invite_code_key") => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(ReferralError::Internal(
+            "no free invite code after several attempts".into(),
+        ))
+    }
+
+    /// A user with the activated code and counter sums.
+    pub async fn user(&self, id: UserId) -> Result<UserRecord, ReferralError> {
+        sqlx::query_as!(
+            UserRecord,
+            r#"SELECT u.id, u.phone_number, u.invite_code, u.invited_by, u.invite_activated_at,
+                      i.invite_code AS "activated_invite_code?",
+                      u.first_name, u.last_name, u.email, u.roles, u.created_at,
+                      c.points AS "bonus_points!", c.invitees AS "invitees_count!"
+               FROM users u
+               LEFT JOIN users i ON i.id = u.invited_by
+               CROSS JOIN LATERAL (
+                   SELECT COALESCE(sum(points), 0)::bigint AS points,
+                          COALESCE(sum(invitees), 0)::bigint AS invitees
+                   FROM user_counters WHERE user_id = u.id
+               ) c
+               WHERE u.id = $1"#,
+            id.0
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(ReferralError::NotFound("user"))
+    }
+
+    /// Activates `code` for `invitee`: the link, two ledger entries and the rollups, in one
+    /// transaction. The invitee's row is locked, so one user racing several codes wins once.
+    pub async fn activate(&self, invitee: UserId, code: &InviteCode) -> Result<(), ReferralError> {
+        let mut tx = self.pool.begin().await?;
+        let me = sqlx::query!(
+            "SELECT id, created_at, invited_by FROM users WHERE id = $1 FOR UPDATE",
+            invitee.0
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ReferralError::NotFound("user"))?;
+        let owner = sqlx::query!(
+            "SELECT id, created_at FROM users WHERE invite_code = $1",
+            code.as_str()
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ReferralError::NotFound("invite code"))?;
+        rules::check_activation(
+            &Member {
+                id: UserId(me.id),
+                created_at: me.created_at,
+                already_invited: me.invited_by.is_some(),
+            },
+            &Member {
+                id: UserId(owner.id),
+                created_at: owner.created_at,
+                already_invited: false,
+            },
+        )?;
+        sqlx::query!(
+            "UPDATE users SET invited_by = $2, invite_activated_at = now(), updated_at = now()
+             WHERE id = $1 AND invited_by IS NULL",
+            me.id,
+            owner.id
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!(
+            "INSERT INTO bonus_ledger (user_id, amount, reason, counterpart_user_id, activation_id)
+             VALUES ($1, $2, 'invite_code_activated', $3, $1),
+                    ($3, $4, 'invitee_joined', $1, $1)",
+            me.id,
+            self.bonuses.invitee,
+            owner.id,
+            self.bonuses.inviter
+        )
+        .execute(&mut *tx)
+        .await?;
+        let (invitee_shard, inviter_shard) = {
+            let mut rng = rand::rng();
+            (
+                rng.random_range(0..COUNTER_SHARDS),
+                rng.random_range(0..COUNTER_SHARDS),
+            )
+        };
+        sqlx::query!(
+            "INSERT INTO user_counters (user_id, shard, invitees, points)
+             VALUES ($1, $2, 0, $3), ($4, $5, 1, $6)
+             ON CONFLICT (user_id, shard) DO UPDATE
+             SET invitees = user_counters.invitees + EXCLUDED.invitees,
+                 points = user_counters.points + EXCLUDED.points",
+            me.id,
+            invitee_shard,
+            self.bonuses.invitee,
+            owner.id,
+            inviter_shard,
+            self.bonuses.inviter
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Activation at sign-in: a refusal is an outcome, not an error; outages still are errors.
+    pub async fn activate_at_sign_in(
+        &self,
+        invitee: UserId,
+        code: Option<&str>,
+    ) -> Result<InviteOutcome, ReferralError> {
+        let Some(code) = code else {
+            return Ok(InviteOutcome::NotProvided);
+        };
+        let result = match InviteCode::parse(code) {
+            Ok(code) => self.activate(invitee, &code).await,
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => Ok(InviteOutcome::Applied),
+            Err(err @ (ReferralError::Unavailable(_) | ReferralError::Internal(_))) => Err(err),
+            Err(refusal) => Ok(InviteOutcome::Refused(refusal)),
+        }
+    }
+
+    /// Changes the given profile fields (`None` keeps a field).
+    pub async fn update_fields(
+        &self,
+        id: UserId,
+        first_name: Option<&str>,
+        last_name: Option<&str>,
+        email: Option<&str>,
+    ) -> Result<(), ReferralError> {
+        let updated = sqlx::query!(
+            "UPDATE users SET first_name = COALESCE($2, first_name),
+                              last_name = COALESCE($3, last_name),
+                              email = COALESCE($4, email),
+                              updated_at = now()
+             WHERE id = $1",
+            id.0,
+            first_name,
+            last_name,
+            email
+        )
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ReferralError::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    /// The users who activated `inviter`'s code, earliest first.
+    pub async fn invitees(
+        &self,
+        inviter: UserId,
+        after: Option<&Cursor>,
+        size: i64,
+    ) -> Result<Page<InviteeRecord>, ReferralError> {
+        let (after_time, after_id) = match after {
+            None => (DateTime::<Utc>::UNIX_EPOCH, Uuid::nil()),
+            Some(Cursor::TimeAndUser(at, id)) => (*at, id.0),
+            Some(_) => {
+                return Err(ReferralError::invalid(
+                    "page_token",
+                    "not a page token from this list",
+                ));
+            }
+        };
+        let rows = sqlx::query_as!(
+            InviteeRecord,
+            r#"SELECT id, phone_number, invite_activated_at AS "activated_at!"
+               FROM users
+               WHERE invited_by = $1 AND (invite_activated_at, id) > ($2, $3)
+               ORDER BY invite_activated_at, id
+               LIMIT $4"#,
+            inviter.0,
+            after_time,
+            after_id,
+            size + 1
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(paginate(rows, size, |row| {
+            Cursor::TimeAndUser(row.activated_at, UserId(row.id))
+        }))
+    }
+
+    /// The user's ledger, newest first.
+    pub async fn ledger(
+        &self,
+        user: UserId,
+        after: Option<&Cursor>,
+        size: i64,
+    ) -> Result<Page<LedgerEntry>, ReferralError> {
+        let below = match after {
+            None => i64::MAX,
+            Some(Cursor::Entry(id)) => *id,
+            Some(_) => {
+                return Err(ReferralError::invalid(
+                    "page_token",
+                    "not a page token from this list",
+                ));
+            }
+        };
+        let rows = sqlx::query_as!(
+            LedgerEntry,
+            "SELECT id, amount, reason, counterpart_user_id, created_at
+             FROM bonus_ledger
+             WHERE user_id = $1 AND id < $2
+             ORDER BY id DESC
+             LIMIT $3",
+            user.0,
+            below,
+            size + 1
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(paginate(rows, size, |row| Cursor::Entry(row.id)))
+    }
+
+    /// Users by id (sign-up order), optionally only those whose phone starts with `prefix`.
+    pub async fn users(
+        &self,
+        prefix: Option<&PhonePrefix>,
+        after: Option<&Cursor>,
+        size: i64,
+    ) -> Result<Page<UserRecord>, ReferralError> {
+        let after_id = match after {
+            None => Uuid::nil(),
+            Some(Cursor::User(id)) => id.0,
+            Some(_) => {
+                return Err(ReferralError::invalid(
+                    "page_token",
+                    "not a page token from this list",
+                ));
+            }
+        };
+        // The prefix is digits and '+' only (PhonePrefix), so it holds no LIKE wildcards.
+        let pattern = format!("{}%", prefix.map_or("", PhonePrefix::as_str));
+        let rows = sqlx::query_as!(
+            UserRecord,
+            r#"SELECT u.id, u.phone_number, u.invite_code, u.invited_by, u.invite_activated_at,
+                      i.invite_code AS "activated_invite_code?",
+                      u.first_name, u.last_name, u.email, u.roles, u.created_at,
+                      c.points AS "bonus_points!", c.invitees AS "invitees_count!"
+               FROM users u
+               LEFT JOIN users i ON i.id = u.invited_by
+               CROSS JOIN LATERAL (
+                   SELECT COALESCE(sum(points), 0)::bigint AS points,
+                          COALESCE(sum(invitees), 0)::bigint AS invitees
+                   FROM user_counters WHERE user_id = u.id
+               ) c
+               WHERE u.phone_number LIKE $1 AND u.id > $2
+               ORDER BY u.id
+               LIMIT $3"#,
+            pattern,
+            after_id,
+            size + 1
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(paginate(rows, size, |row| Cursor::User(UserId(row.id))))
+    }
+
+    /// Gives the user with `phone` the admin role; false when no such user exists.
+    pub async fn grant_admin(&self, phone: &PhoneNumber) -> Result<bool, ReferralError> {
+        let found = sqlx::query_scalar!(
+            r#"UPDATE users
+               SET roles = CASE WHEN 'admin' = ANY(roles) THEN roles ELSE array_append(roles, 'admin') END,
+                   updated_at = now()
+               WHERE phone_number = $1
+               RETURNING id"#,
+            phone.as_str()
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+}
