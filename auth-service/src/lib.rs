@@ -1,3 +1,4 @@
 //! refsys auth-service: proves a caller holds a phone number and turns that proof into tokens.
 
+pub mod otp;
 pub mod phone;
