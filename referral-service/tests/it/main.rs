@@ -1,0 +1,43 @@
+//! Storage and rule tests on the real Postgres: each `#[sqlx::test]` gets a fresh database
+//! with the migrations applied. One test binary on purpose (link time on 2 cores).
+
+mod activation;
+mod users;
+
+use std::sync::Arc;
+
+use referral_service::domain::{PhoneNumber, UserId};
+use referral_service::storage::{Bonuses, Repository, UserRecord};
+use sqlx::PgPool;
+
+pub const BONUSES: Bonuses = Bonuses {
+    invitee: 100,
+    inviter: 200,
+};
+
+pub fn repository(pool: &PgPool) -> Arc<Repository> {
+    Arc::new(Repository::new(pool.clone(), BONUSES))
+}
+
+pub fn phone(n: u32) -> PhoneNumber {
+    PhoneNumber::parse(&format!("+7960{n:07}")).expect("valid test phone")
+}
+
+/// Creates users 0..count in order (so earlier ones joined first).
+pub async fn users(repository: &Repository, count: u32) -> Vec<UserRecord> {
+    let mut users = Vec::new();
+    for n in 0..count {
+        users.push(
+            repository
+                .ensure_user(&phone(n))
+                .await
+                .expect("user created")
+                .0,
+        );
+    }
+    users
+}
+
+pub fn id(user: &UserRecord) -> UserId {
+    UserId(user.id)
+}

@@ -1,0 +1,162 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use referral_service::domain::{InviteCode, PhonePrefix};
+use referral_service::error::ReferralError;
+use referral_service::storage::Repository;
+use sqlx::PgPool;
+
+use crate::{BONUSES, id, phone, repository, users};
+
+#[sqlx::test]
+async fn concurrent_first_sign_ins_of_one_phone_make_one_user(pool: PgPool) {
+    let repository = repository(&pool);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let repository = repository.clone();
+        tasks.push(tokio::spawn(async move {
+            repository.ensure_user(&phone(1)).await
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for task in tasks {
+        let (user, was_created) = task.await.unwrap().unwrap();
+        ids.insert(user.id);
+        created += usize::from(was_created);
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(created, 1);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+#[sqlx::test]
+async fn an_invite_code_collision_is_retried_with_a_new_code(pool: PgPool) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    // The first two codes handed out are the same; the third differs.
+    let repository = Repository::with_code_generator(
+        pool.clone(),
+        BONUSES,
+        Arc::new(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            InviteCode::parse(if n < 2 { "AAAAAA" } else { "BBBBBB" }).unwrap()
+        }),
+    );
+    let first = repository.ensure_user(&phone(1)).await.unwrap().0;
+    let second = repository.ensure_user(&phone(2)).await.unwrap().0;
+    assert_eq!(first.invite_code, "AAAAAA");
+    assert_eq!(second.invite_code, "BBBBBB");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[sqlx::test]
+async fn generated_invite_codes_are_well_formed_and_unique(pool: PgPool) {
+    let repository = repository(&pool);
+    let all = users(&repository, 50).await;
+    let codes: std::collections::HashSet<_> = all.iter().map(|u| u.invite_code.clone()).collect();
+    assert_eq!(codes.len(), 50);
+    for code in &codes {
+        assert_eq!(InviteCode::parse(code).unwrap().as_str(), code);
+    }
+}
+
+#[sqlx::test]
+async fn admin_list_filters_by_prefix_and_pages(pool: PgPool) {
+    let repository = repository(&pool);
+    users(&repository, 7).await;
+    repository
+        .ensure_user(&referral_service::domain::PhoneNumber::parse("+447911123456").unwrap())
+        .await
+        .unwrap();
+    let prefix = PhonePrefix::parse("+7960").unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = repository
+            .users(prefix.as_ref(), cursor.as_ref(), 3)
+            .await
+            .unwrap();
+        seen.extend(page.items.iter().map(|u| u.phone_number.clone()));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 7);
+    assert!(seen.iter().all(|p| p.starts_with("+7960")));
+    assert!(PhonePrefix::parse("+79%").is_err());
+}
+
+#[sqlx::test]
+async fn granting_admin_adds_the_role_once(pool: PgPool) {
+    let repository = repository(&pool);
+    let user = users(&repository, 1).await.remove(0);
+    assert!(repository.grant_admin(&phone(0)).await.unwrap());
+    assert!(repository.grant_admin(&phone(0)).await.unwrap());
+    assert_eq!(
+        repository.user(id(&user)).await.unwrap().roles,
+        vec!["admin".to_owned()]
+    );
+    assert!(!repository.grant_admin(&phone(9)).await.unwrap());
+}
+
+#[sqlx::test]
+async fn profile_fields_update_only_what_is_given(pool: PgPool) {
+    let repository = repository(&pool);
+    let user = users(&repository, 1).await.remove(0);
+    repository
+        .update_fields(id(&user), Some("Ada"), None, Some("ada@example.com"))
+        .await
+        .unwrap();
+    repository
+        .update_fields(id(&user), None, Some("Lovelace"), None)
+        .await
+        .unwrap();
+    let after = repository.user(id(&user)).await.unwrap();
+    assert_eq!(
+        (
+            after.first_name.as_str(),
+            after.last_name.as_str(),
+            after.email.as_str()
+        ),
+        ("Ada", "Lovelace", "ada@example.com")
+    );
+}
+
+#[sqlx::test]
+async fn the_pool_recovers_after_postgres_drops_every_connection(pool: PgPool) {
+    let options = (*pool.connect_options()).clone();
+    let own_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(std::time::Duration::from_secs(3))
+        .connect_with(options)
+        .await
+        .unwrap();
+    let repository = Repository::new(own_pool, BONUSES);
+    let user = repository.ensure_user(&phone(1)).await.unwrap().0;
+    for _ in 0..3 {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut recovered = false;
+        for _ in 0..3 {
+            match repository.user(id(&user)).await {
+                Ok(_) => {
+                    recovered = true;
+                    break;
+                }
+                Err(err) => assert!(matches!(err, ReferralError::Unavailable(_)), "{err:?}"),
+            }
+        }
+        assert!(recovered, "the pool did not recover");
+    }
+}
