@@ -58,6 +58,10 @@ impl Bench {
         self.auth[worker % CONNECTIONS].clone()
     }
 
+    pub fn referral_client(&self, worker: usize) -> ReferralServiceClient<Channel> {
+        self.referral(worker)
+    }
+
     fn referral(&self, worker: usize) -> ReferralServiceClient<Channel> {
         self.referral[worker % CONNECTIONS].clone()
     }
@@ -74,7 +78,18 @@ impl Bench {
         worker: usize,
         invite_code: Option<String>,
     ) -> Result<Signed, Status> {
-        let phone = self.fresh_phone();
+        self.sign_in_phone(worker, &self.fresh_phone(), invite_code)
+            .await
+    }
+
+    /// SendCode + VerifyCode for `phone` (E.164).
+    pub async fn sign_in_phone(
+        &self,
+        worker: usize,
+        phone: &str,
+        invite_code: Option<String>,
+    ) -> Result<Signed, Status> {
+        let phone = phone.to_owned();
         let mut auth = self.auth(worker);
         auth.send_code(SendCodeRequest {
             phone_number: phone.clone(),
@@ -210,14 +225,37 @@ impl Bench {
 
     /// Fresh users activating one hot inviter's code; checks the counts afterwards.
     pub async fn activate(self: &Arc<Self>, duration: Duration) -> (Summary, String) {
-        let inviter = self.sign_in_many(1, None).await.pop();
-        let Some(inviter) = inviter else {
+        let Some(inviter) = self.sign_in_many(1, None).await.pop() else {
             return (
                 Summary::new("activate", self.concurrency, Recorder::default(), duration),
                 "activate: no inviter".into(),
             );
         };
-        let code = self.invite_code(&inviter.access_token).await;
+        self.activate_for(
+            duration,
+            &inviter.access_token,
+            "activate (one hot inviter)",
+        )
+        .await
+    }
+
+    /// Fresh users activating the code of the user holding `inviter_token`.
+    pub async fn activate_for(
+        self: &Arc<Self>,
+        duration: Duration,
+        inviter_token: &str,
+        name: &str,
+    ) -> (Summary, String) {
+        let before = self
+            .referral(0)
+            .get_profile(bearer(GetProfileRequest {}, inviter_token))
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().profile);
+        let (count_before, points_before) = before
+            .as_ref()
+            .map_or((0, 0), |p| (p.invitees_count, p.bonus_points));
+        let code = before.map(|p| p.invite_code).unwrap_or_default();
         let pool_size = (duration.as_secs() as usize * 1500).max(self.concurrency);
         let invitees = Arc::new(
             self.sign_in_many(pool_size, None)
@@ -230,7 +268,7 @@ impl Bench {
         let this = self.clone();
         let summary = {
             let invitees = invitees.clone();
-            self.run("activate (one hot inviter)", duration, move |worker, _| {
+            self.run(name, duration, move |worker, _| {
                 let this = this.clone();
                 let code = code.clone();
                 let invitees = invitees.clone();
@@ -253,14 +291,19 @@ impl Bench {
         };
         let profile = self
             .referral(0)
-            .get_profile(bearer(GetProfileRequest {}, &inviter.access_token))
+            .get_profile(bearer(GetProfileRequest {}, inviter_token))
             .await
             .ok()
             .and_then(|r| r.into_inner().profile);
-        let (count, points) = profile.map_or((0, 0), |p| (p.invitees_count, p.bonus_points));
+        let (count, points) = profile.map_or((0, 0), |p| {
+            (
+                p.invitees_count - count_before,
+                p.bonus_points - points_before,
+            )
+        });
         let expected = summary.ok as i64;
         let note = format!(
-            "activate: {} successful activations; the inviter shows {count} invitees and {points} points (expected {expected} and {}): {}.",
+            "{name}: {} successful activations; the inviter gained {count} invitees and {points} points (expected {expected} and {}): {}.",
             summary.ok,
             expected * 200,
             if count == expected && points == expected * 200 {
