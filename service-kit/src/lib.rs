@@ -3,6 +3,7 @@
 
 pub mod authn;
 pub mod config;
+pub mod deadline;
 pub mod metrics;
 pub mod observe;
 pub mod server;

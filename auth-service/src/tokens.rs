@@ -1,0 +1,225 @@
+//! Minting tokens: user access tokens, short-lived service tokens for referral-service, and
+//! the JWK set of accepted public keys. Signing keys come from PEM files (or an ephemeral dev key).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use service_kit::tokens::{Claims, Jwk, KeySet, SigningKey, Verified, Verifier};
+
+use crate::error::AuthError;
+
+/// The current time, injected so that time-dependent behaviour is testable.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Loads the signing key (PKCS#8 PEM) and the previous public keys (SPKI PEM) still accepted.
+/// Without a signing key file, a fresh key is generated and a warning logged.
+pub fn load_keys(
+    signing_key_file: Option<&Path>,
+    previous_public_key_files: &[std::path::PathBuf],
+) -> Result<(SigningKey, Vec<Jwk>), String> {
+    let signing = match signing_key_file {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|err| format!("JWT_SIGNING_KEY_FILE {}: {err}", path.display()))?;
+            SigningKey::from_pkcs8_pem(&pem)
+                .map_err(|err| format!("JWT_SIGNING_KEY_FILE {}: {err}", path.display()))?
+        }
+        None => {
+            tracing::warn!(
+                "JWT_SIGNING_KEY_FILE is not set: signing with an EPHEMERAL key. Tokens die with this \
+                 process and replicas will not accept each other's tokens. Never run like this in production."
+            );
+            SigningKey::generate()
+        }
+    };
+    let previous = previous_public_key_files
+        .iter()
+        .map(|path| {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|err| format!("JWT_PREVIOUS_PUBLIC_KEYS {}: {err}", path.display()))?;
+            Jwk::from_public_pem(&pem)
+                .map_err(|err| format!("JWT_PREVIOUS_PUBLIC_KEYS {}: {err}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((signing, previous))
+}
+
+/// An access token and when it expires.
+pub struct AccessToken {
+    pub token: String,
+    pub expires_at: SystemTime,
+}
+
+pub struct TokenIssuer {
+    signing: SigningKey,
+    jwks: Vec<Jwk>,
+    user_verifier: Verifier,
+    issuer: String,
+    audience: String,
+    access_ttl: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl TokenIssuer {
+    pub fn new(
+        signing: SigningKey,
+        previous: Vec<Jwk>,
+        issuer: &str,
+        audience: &str,
+        access_ttl: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let mut jwks = vec![signing.public_jwk().clone()];
+        jwks.extend(previous.into_iter().filter(|jwk| jwk.kid != signing.kid()));
+        let user_verifier = Verifier::new(issuer, &[audience], KeySet::from_jwks(&jwks));
+        Self {
+            signing,
+            jwks,
+            user_verifier,
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            access_ttl,
+            clock,
+        }
+    }
+
+    fn claims(&self, subject: &str, audience: &str, ttl: Duration) -> (Claims, SystemTime) {
+        let now = self.clock.now();
+        let expires_at = now + ttl;
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            aud: audience.to_owned(),
+            sub: subject.to_owned(),
+            exp: unix_seconds(expires_at),
+            iat: unix_seconds(now),
+            jti: uuid::Uuid::new_v4().to_string(),
+            roles: Vec::new(),
+            scope: None,
+        };
+        (claims, expires_at)
+    }
+
+    /// A user's access token.
+    pub fn access_token(&self, user_id: &str, roles: &[String]) -> Result<AccessToken, AuthError> {
+        let (mut claims, expires_at) = self.claims(user_id, &self.audience, self.access_ttl);
+        claims.roles = roles.to_vec();
+        let token = self.signing.sign(&claims).map_err(AuthError::internal)?;
+        Ok(AccessToken { token, expires_at })
+    }
+
+    /// A short-lived token that lets auth-service call `audience` with `scope`.
+    pub fn service_token(
+        &self,
+        audience: &str,
+        scope: &str,
+        ttl: Duration,
+    ) -> Result<String, AuthError> {
+        let (mut claims, _) = self.claims("auth-service", audience, ttl);
+        claims.scope = Some(scope.to_owned());
+        self.signing.sign(&claims).map_err(AuthError::internal)
+    }
+
+    /// The claims of a valid user access token; `None` for anything else.
+    pub fn introspect(&self, token: &str) -> Option<Verified> {
+        self.user_verifier.verify(token).ok()
+    }
+
+    /// The accepted public keys, the current signing key first.
+    pub fn jwks(&self) -> &[Jwk] {
+        &self.jwks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FixedClock(SystemTime);
+
+    impl Clock for FixedClock {
+        fn now(&self) -> SystemTime {
+            self.0
+        }
+    }
+
+    fn issuer(signing: SigningKey, previous: Vec<Jwk>, clock: Arc<dyn Clock>) -> TokenIssuer {
+        TokenIssuer::new(
+            signing,
+            previous,
+            "refsys-auth",
+            "refsys",
+            Duration::from_secs(900),
+            clock,
+        )
+    }
+
+    #[test]
+    fn access_tokens_introspect_with_their_claims() {
+        let issuer = issuer(SigningKey::generate(), Vec::new(), Arc::new(SystemClock));
+        let token = issuer.access_token("user-1", &["admin".into()]).unwrap();
+        let verified = issuer.introspect(&token.token).expect("active");
+        assert_eq!(verified.claims.sub, "user-1");
+        assert_eq!(verified.claims.roles, vec!["admin".to_owned()]);
+        assert_eq!(verified.claims.exp - verified.claims.iat, 900);
+    }
+
+    #[test]
+    fn expired_forged_and_service_tokens_are_not_active() {
+        let an_hour_ago = Arc::new(FixedClock(SystemTime::now() - Duration::from_secs(3600)));
+        let key = SigningKey::generate();
+        let jwk = key.public_jwk().clone();
+        let old = issuer(key, Vec::new(), an_hour_ago);
+        let expired = old.access_token("user-1", &[]).unwrap().token;
+        let current = issuer(SigningKey::generate(), vec![jwk], Arc::new(SystemClock));
+        assert!(current.introspect(&expired).is_none(), "expired");
+        let forged = issuer(SigningKey::generate(), Vec::new(), Arc::new(SystemClock))
+            .access_token("user-1", &[])
+            .unwrap()
+            .token;
+        assert!(current.introspect(&forged).is_none(), "unknown key");
+        let service = current
+            .service_token(
+                "referral-service",
+                "referral.users.ensure",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(current.introspect(&service).is_none(), "not a user token");
+        assert!(current.introspect("garbage").is_none());
+    }
+
+    #[test]
+    fn previous_keys_stay_accepted_and_are_published_after_the_current_one() {
+        let old_issuer = issuer(SigningKey::generate(), Vec::new(), Arc::new(SystemClock));
+        let token = old_issuer.access_token("user-1", &[]).unwrap().token;
+        let old_jwk = old_issuer.jwks()[0].clone();
+
+        let rotated = issuer(
+            SigningKey::generate(),
+            vec![old_jwk.clone()],
+            Arc::new(SystemClock),
+        );
+        assert_eq!(rotated.jwks().len(), 2);
+        assert_eq!(rotated.jwks()[1], old_jwk);
+        assert!(
+            rotated.introspect(&token).is_some(),
+            "a token of the previous key still verifies"
+        );
+    }
+}
