@@ -1,6 +1,6 @@
 //! Domain values, each with one parsing constructor, so anything past the edge is valid.
 
-use rand::Rng;
+use rand::{CryptoRng, Rng};
 
 use crate::error::ReferralError;
 
@@ -28,8 +28,9 @@ impl InviteCode {
         }
     }
 
-    /// A new random code from `rng` (a CSPRNG in production).
-    pub fn generate(rng: &mut impl Rng) -> Self {
+    /// A new random code from `rng`, which must be a cryptographically secure generator
+    /// (`rand::rng()` in production), so codes cannot be predicted from earlier ones.
+    pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
         let code = (0..INVITE_CODE_LENGTH)
             .map(|_| char::from(INVITE_ALPHABET[rng.random_range(0..INVITE_ALPHABET.len())]))
             .collect();

@@ -33,6 +33,19 @@ impl ReferralError {
     }
 }
 
+impl ReferralError {
+    /// The same error with an INVALID_ARGUMENT's field renamed to where the caller put the value
+    /// (e.g. "profile.email" in UpdateProfile); other errors are returned unchanged.
+    pub fn in_field(self, field: &'static str) -> Self {
+        match self {
+            Self::InvalidArgument { description, .. } => {
+                Self::InvalidArgument { field, description }
+            }
+            other => other,
+        }
+    }
+}
+
 impl From<ReferralError> for Status {
     fn from(error: ReferralError) -> Self {
         match error {
@@ -78,6 +91,13 @@ impl From<sqlx::Error> for ReferralError {
             sqlx::Error::Database(db) if db.code().is_some_and(|c| is_connection_loss(&c)) => {
                 Self::Unavailable(error.to_string())
             }
+            // Named constraints that back the programme's rules in the schema: reaching one means
+            // a rule check was raced or skipped, and the caller gets the rule's own error.
+            sqlx::Error::Database(db) => match db.constraint() {
+                Some("bonus_ledger_once_per_activation") => Self::AlreadyActivated,
+                Some("users_not_self_invited") => Self::OwnCode,
+                _ => Self::Internal(error.to_string()),
+            },
             _ => Self::Internal(error.to_string()),
         }
     }

@@ -102,6 +102,16 @@ pub enum InviteOutcome {
     Refused(ReferralError),
 }
 
+/// What UpdateProfile changes; `None` keeps a field. Values are already validated.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProfileChanges<'a> {
+    pub first_name: Option<&'a str>,
+    pub last_name: Option<&'a str>,
+    pub email: Option<&'a str>,
+    /// A code to activate, as with `Repository::activate`.
+    pub invite_code: Option<&'a InviteCode>,
+}
+
 type CodeGenerator = Arc<dyn Fn() -> InviteCode + Send + Sync>;
 
 #[derive(Clone)]
@@ -218,6 +228,18 @@ impl Repository {
     /// transaction. The invitee's row is locked, so one user racing several codes wins once.
     pub async fn activate(&self, invitee: UserId, code: &InviteCode) -> Result<(), ReferralError> {
         let mut tx = self.pool.begin().await?;
+        self.activate_in(&mut tx, invitee, code).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The activation's statements, inside the caller's transaction.
+    async fn activate_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        invitee: UserId,
+        code: &InviteCode,
+    ) -> Result<(), ReferralError> {
         let me = sqlx::query!(
             "SELECT id, created_at, invited_by FROM users WHERE id = $1 FOR UPDATE",
             invitee.0
@@ -244,7 +266,7 @@ impl Repository {
                 already_invited: false,
             },
         )?;
-        sqlx::query!(
+        let linked = sqlx::query!(
             "UPDATE users SET invited_by = $2, invite_activated_at = now(), updated_at = now()
              WHERE id = $1 AND invited_by IS NULL",
             me.id,
@@ -252,6 +274,10 @@ impl Repository {
         )
         .execute(&mut *tx)
         .await?;
+        // The row lock makes this impossible; checked anyway, so a bonus is never written twice.
+        if linked.rows_affected() != 1 {
+            return Err(ReferralError::AlreadyActivated);
+        }
         sqlx::query!(
             "INSERT INTO bonus_ledger (user_id, amount, reason, counterpart_user_id, activation_id)
              VALUES ($1, $2, 'invite_code_activated', $3, $1),
@@ -285,7 +311,6 @@ impl Repository {
         )
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -317,6 +342,29 @@ impl Repository {
         last_name: Option<&str>,
         email: Option<&str>,
     ) -> Result<(), ReferralError> {
+        self.update_profile(
+            id,
+            &ProfileChanges {
+                first_name,
+                last_name,
+                email,
+                invite_code: None,
+            },
+        )
+        .await
+    }
+
+    /// UpdateProfile: activates `changes.invite_code` (if any, under the rules of `activate`)
+    /// and sets the given fields, all in one transaction, so a failure changes nothing.
+    pub async fn update_profile(
+        &self,
+        id: UserId,
+        changes: &ProfileChanges<'_>,
+    ) -> Result<(), ReferralError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(code) = changes.invite_code {
+            self.activate_in(&mut tx, id, code).await?;
+        }
         let updated = sqlx::query!(
             "UPDATE users SET first_name = COALESCE($2, first_name),
                               last_name = COALESCE($3, last_name),
@@ -324,15 +372,16 @@ impl Repository {
                               updated_at = now()
              WHERE id = $1",
             id.0,
-            first_name,
-            last_name,
-            email
+            changes.first_name,
+            changes.last_name,
+            changes.email
         )
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
             return Err(ReferralError::NotFound("user"));
         }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{caller_id, convert};
 use crate::domain::{InviteCode, UserId, parse_email, parse_name};
 use crate::rules::{self, Cursor, ProfileField};
-use crate::storage::Repository;
+use crate::storage::{ProfileChanges, Repository};
 
 pub static ACTIVATIONS: LazyLock<service_kit::metrics::IntCounter> = LazyLock::new(|| {
     service_kit::metrics::counter(
@@ -77,23 +77,27 @@ impl ReferralService for ReferralHandler {
             .then(|| parse_name(&changes.last_name, "profile.last_name"))
             .transpose()?;
         let email = wants(ProfileField::Email)
-            .then(|| parse_email(&changes.email))
+            .then(|| parse_email(&changes.email).map_err(|err| err.in_field("profile.email")))
             .transpose()?;
         let invite_code = wants(ProfileField::ActivatedInviteCode)
-            .then(|| InviteCode::parse(&changes.activated_invite_code))
+            .then(|| {
+                InviteCode::parse(&changes.activated_invite_code)
+                    .map_err(|err| err.in_field("profile.activated_invite_code"))
+            })
             .transpose()?;
-        if let Some(code) = invite_code {
-            self.activate(id, code.as_str()).await?;
-        }
-        if first_name.is_some() || last_name.is_some() || email.is_some() {
-            self.repository
-                .update_fields(
-                    id,
-                    first_name.as_deref(),
-                    last_name.as_deref(),
-                    email.as_deref(),
-                )
-                .await?;
+        self.repository
+            .update_profile(
+                id,
+                &ProfileChanges {
+                    first_name: first_name.as_deref(),
+                    last_name: last_name.as_deref(),
+                    email: email.as_deref(),
+                    invite_code: invite_code.as_ref(),
+                },
+            )
+            .await?;
+        if invite_code.is_some() {
+            ACTIVATIONS.inc();
         }
         Ok(Response::new(pb::UpdateProfileResponse {
             profile: Some(self.profile(id).await?),
