@@ -122,44 +122,70 @@ impl std::fmt::Display for UserId {
 const MAX_NAME_CHARS: usize = 100;
 const MAX_EMAIL_CHARS: usize = 254;
 
-/// A first or last name: trimmed, at most 100 characters, no control characters.
-pub fn parse_name(input: &str, field: &'static str) -> Result<String, ReferralError> {
-    let name = input.trim();
-    if name.chars().count() > MAX_NAME_CHARS {
-        return Err(ReferralError::invalid(field, "at most 100 characters"));
+/// A first or last name: trimmed, at most 100 characters, no control characters; may be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PersonName(String);
+
+impl PersonName {
+    /// `field` names the value in errors ("profile.first_name", "profile.last_name").
+    pub fn parse(input: &str, field: &'static str) -> Result<Self, ReferralError> {
+        let name = input.trim();
+        if name.chars().count() > MAX_NAME_CHARS {
+            return Err(ReferralError::invalid(field, "at most 100 characters"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(ReferralError::invalid(field, "no control characters"));
+        }
+        Ok(Self(name.to_owned()))
     }
-    if name.chars().any(char::is_control) {
-        return Err(ReferralError::invalid(field, "no control characters"));
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
-    Ok(name.to_owned())
 }
 
-/// An e-mail address: empty (none), or one '@' with a non-empty local part and a dotted domain.
-pub fn parse_email(input: &str) -> Result<String, ReferralError> {
-    let email = input.trim();
-    if email.is_empty() {
-        return Ok(String::new());
+/// An e-mail address: at most 254 characters, one '@' with a non-empty local part and a dotted
+/// domain, no spaces (field "email").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(input: &str) -> Result<Self, ReferralError> {
+        let email = input.trim();
+        let well_formed = email.chars().count() <= MAX_EMAIL_CHARS
+            && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+            && match email.split_once('@') {
+                Some((local, domain)) => {
+                    !local.is_empty()
+                        && !domain.contains('@')
+                        && domain.contains('.')
+                        && !domain.starts_with('.')
+                        && !domain.ends_with('.')
+                        && !domain.contains("..")
+                }
+                None => false,
+            };
+        if well_formed {
+            Ok(Self(email.to_owned()))
+        } else {
+            Err(ReferralError::invalid(
+                "email",
+                "not a valid e-mail address",
+            ))
+        }
     }
-    let well_formed = email.chars().count() <= MAX_EMAIL_CHARS
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
-        && match email.split_once('@') {
-            Some((local, domain)) => {
-                !local.is_empty()
-                    && !domain.contains('@')
-                    && domain.contains('.')
-                    && !domain.starts_with('.')
-                    && !domain.ends_with('.')
-                    && !domain.contains("..")
-            }
-            None => false,
-        };
-    if well_formed {
-        Ok(email.to_owned())
-    } else {
-        Err(ReferralError::invalid(
-            "email",
-            "not a valid e-mail address",
-        ))
+
+    /// A profile's e-mail field: empty (or blank) means "no address", anything else must parse.
+    pub fn parse_optional(input: &str) -> Result<Option<Self>, ReferralError> {
+        if input.trim().is_empty() {
+            Ok(None)
+        } else {
+            Self::parse(input).map(Some)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -206,9 +232,15 @@ mod tests {
 
     #[test]
     fn emails_and_names_are_validated() {
-        assert_eq!(parse_email(" ada@example.com ").unwrap(), "ada@example.com");
-        assert_eq!(parse_email("").unwrap(), "");
+        assert_eq!(
+            Email::parse(" ada@example.com ").unwrap().as_str(),
+            "ada@example.com"
+        );
+        assert_eq!(Email::parse_optional("  ").unwrap(), None);
+        let longest = format!("{}@example.com", "a".repeat(254 - 12));
+        assert!(Email::parse(&longest).is_ok());
         for bad in [
+            "",
             "ada",
             "ada@",
             "@example.com",
@@ -216,11 +248,21 @@ mod tests {
             "a b@example.com",
             "a@@b.com",
             "a@b..com",
+            &format!("a{longest}"),
         ] {
-            assert!(parse_email(bad).is_err(), "{bad:?} accepted");
+            assert!(Email::parse(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(parse_name("  Ada ", "first_name").unwrap(), "Ada");
-        assert!(parse_name(&"x".repeat(101), "first_name").is_err());
-        assert!(parse_name("A\u{0}", "first_name").is_err());
+        let name = |input: &str| PersonName::parse(input, "profile.first_name");
+        assert_eq!(name("  Ada ").unwrap().as_str(), "Ada");
+        assert_eq!(name("").unwrap().as_str(), "");
+        assert!(name(&"я".repeat(100)).is_ok(), "characters, not bytes");
+        assert_eq!(
+            name(&"x".repeat(101)),
+            Err(ReferralError::invalid(
+                "profile.first_name",
+                "at most 100 characters"
+            ))
+        );
+        assert!(name("A\u{0}").is_err());
     }
 }

@@ -7,7 +7,7 @@ use refsys_proto::referral::v1::referral_service_server::ReferralService;
 use tonic::{Request, Response, Status};
 
 use super::{caller_id, convert};
-use crate::domain::{InviteCode, UserId, parse_email, parse_name};
+use crate::domain::{Email, InviteCode, PersonName, UserId};
 use crate::rules::{self, Cursor, ProfileField};
 use crate::storage::{ProfileChanges, Repository};
 
@@ -71,13 +71,15 @@ impl ReferralService for ReferralHandler {
         let wants = |field| fields.contains(&field);
         // Validate everything before changing anything.
         let first_name = wants(ProfileField::FirstName)
-            .then(|| parse_name(&changes.first_name, "profile.first_name"))
+            .then(|| PersonName::parse(&changes.first_name, "profile.first_name"))
             .transpose()?;
         let last_name = wants(ProfileField::LastName)
-            .then(|| parse_name(&changes.last_name, "profile.last_name"))
+            .then(|| PersonName::parse(&changes.last_name, "profile.last_name"))
             .transpose()?;
         let email = wants(ProfileField::Email)
-            .then(|| parse_email(&changes.email).map_err(|err| err.in_field("profile.email")))
+            .then(|| {
+                Email::parse_optional(&changes.email).map_err(|err| err.in_field("profile.email"))
+            })
             .transpose()?;
         let invite_code = wants(ProfileField::ActivatedInviteCode)
             .then(|| {
@@ -89,9 +91,12 @@ impl ReferralService for ReferralHandler {
             .update_profile(
                 id,
                 &ProfileChanges {
-                    first_name: first_name.as_deref(),
-                    last_name: last_name.as_deref(),
-                    email: email.as_deref(),
+                    first_name: first_name.as_ref().map(PersonName::as_str),
+                    last_name: last_name.as_ref().map(PersonName::as_str),
+                    // An empty e-mail field clears the address.
+                    email: email
+                        .as_ref()
+                        .map(|email| email.as_ref().map_or("", Email::as_str)),
                     invite_code: invite_code.as_ref(),
                 },
             )

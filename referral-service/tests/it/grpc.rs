@@ -107,6 +107,25 @@ async fn update_profile_changes_only_the_masked_fields(pool: PgPool) {
         ),
         ("Ada", "Lovelace", "ada@example.com")
     );
+
+    // An empty e-mail in the mask clears the address.
+    let after = handler
+        .update_profile(as_user(
+            &user,
+            pb::UpdateProfileRequest {
+                profile: Some(pb::Profile::default()),
+                update_mask: mask(&["email"]),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(
+        (after.email.as_str(), after.last_name.as_str()),
+        ("", "Lovelace")
+    );
 }
 
 #[sqlx::test]
