@@ -4,5 +4,6 @@ pub mod directory;
 pub mod error;
 pub mod otp;
 pub mod phone;
+pub mod sms;
 pub mod store;
 pub mod tokens;

@@ -3,6 +3,7 @@
 
 mod otp_store;
 mod refresh_store;
+mod sms;
 
 use std::time::Duration;
 
