@@ -1,0 +1,384 @@
+//! auth-service settings, read from the environment (or any [`Source`], so tests never touch
+//! the process environment), each with a documented default and validated at startup. A bad
+//! value is a [`ConfigError`] whose `Display` is one line naming the key.
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `AUTH_GRPC_ADDR` | `0.0.0.0:50051` | where the gRPC server listens |
+//! | `REDIS_URL` | `redis://127.0.0.1:6379` | Redis holding codes, limits and refresh tokens |
+//! | `REDIS_KEY_PREFIX` | `refsys:auth:` | prefix of every key (no braces) |
+//! | `REFERRAL_GRPC_URL` | `http://127.0.0.1:50052` | referral-service, for `UserDirectory.EnsureUser` |
+//! | `JWT_SIGNING_KEY_FILE` | unset: ephemeral dev key + warning | Ed25519 private key, PKCS#8 PEM |
+//! | `JWT_PREVIOUS_PUBLIC_KEYS` | none | comma-separated SPKI PEM files of keys still accepted |
+//! | `JWT_ISSUER` | `refsys-auth` | `iss` of minted tokens |
+//! | `JWT_AUDIENCE` | `refsys` | `aud` of access tokens |
+//! | `ACCESS_TOKEN_TTL_SECONDS` | `900` | 60..=86400 |
+//! | `REFRESH_TOKEN_TTL_SECONDS` | `2592000` (30 days) | 60..=31536000 |
+//! | `OTP_LENGTH` | `4` | digits per code, 4..=8 |
+//! | `OTP_TTL_SECONDS` | `300` | how long a code is accepted, 10..=3600 |
+//! | `OTP_MAX_ATTEMPTS` | `5` | wrong tries that burn a code, 1..=20 |
+//! | `OTP_RESEND_COOLDOWN_SECONDS` | `60` | between sends to one phone, 1..=3600 |
+//! | `OTP_MAX_SENDS_PER_PHONE_PER_HOUR` | `5` | 1..=100 |
+//! | `OTP_MAX_SENDS_PER_CLIENT_PER_HOUR` | `30` | per client address, 1..=1000000 |
+//! | `OTP_MAX_FAILED_PER_PHONE_PER_DAY` | `10` | failed verifications before a phone is locked for the rest of its 24 h window, 1..=1000 |
+//! | `OTP_PEPPER_FILE` | unset: random per process + warning | secret keying the code hash, at least 16 bytes |
+//! | `TRUSTED_PROXY_HOPS` | `0` | proxies whose `x-forwarded-for` entry is trusted, 0..=10 |
+//! | `PHONE_DEFAULT_REGION` | unset: a leading `+` is required | ISO 3166 region for national formats, e.g. `RU` |
+//! | `SMS_PROVIDER` | `log` | `log` (dev: the code is logged) or `twilio` |
+//! | `SMS_TEMPLATE` | `Your refsys code: {code}` | must contain `{code}` |
+//! | `TWILIO_API_BASE` | `https://api.twilio.com` | |
+//! | `TWILIO_ACCOUNT_SID`, `TWILIO_AUTH_TOKEN`, `TWILIO_FROM` | required with `twilio` | |
+//! | `METRICS_ADDR` and the server keys | see [`ServerSettings`] | |
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+pub use service_kit::config::{ConfigError, ProcessEnv, ServerSettings, Settings, Source};
+
+use crate::otp::{CodeLength, MAX_CODE_LENGTH, MIN_CODE_LENGTH, Pepper};
+use crate::phone::Region;
+use crate::sms::{DEFAULT_TEMPLATE, TwilioSettings};
+use crate::store::DEFAULT_KEY_PREFIX;
+use crate::store::otp::OtpLimits;
+
+/// Which SMS provider delivers codes.
+#[derive(Debug, Clone)]
+pub enum SmsProvider {
+    /// `SMS_PROVIDER=log`: nothing is delivered; the code is logged at `refsys::sms::dev`.
+    Log,
+    /// `SMS_PROVIDER=twilio`.
+    Twilio(TwilioSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub grpc_addr: SocketAddr,
+    pub redis_url: String,
+    pub redis_key_prefix: String,
+    pub referral_grpc_url: String,
+    pub jwt_signing_key_file: Option<PathBuf>,
+    pub jwt_previous_public_keys: Vec<PathBuf>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub code_length: CodeLength,
+    /// `OTP_TTL_SECONDS`, `OTP_MAX_ATTEMPTS`, `OTP_RESEND_COOLDOWN_SECONDS`, the hourly send
+    /// caps and `OTP_MAX_FAILED_PER_PHONE_PER_DAY`.
+    pub otp_limits: OtpLimits,
+    pub otp_pepper_file: Option<PathBuf>,
+    pub trusted_proxy_hops: usize,
+    pub phone_default_region: Option<Region>,
+    pub sms_template: String,
+    pub sms: SmsProvider,
+    pub server: ServerSettings,
+}
+
+fn secs<S: Source>(
+    s: &Settings<S>,
+    key: &str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Duration, ConfigError> {
+    s.get_in_range(key, default, range).map(Duration::from_secs)
+}
+
+fn non_empty<S: Source>(s: &Settings<S>, key: &str, default: &str) -> String {
+    s.raw(key)
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn required<S: Source>(s: &Settings<S>, key: &str, why: &str) -> Result<String, ConfigError> {
+    s.raw(key)
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| ConfigError::new(key, "", format_args!("required {why}")))
+}
+
+impl AuthConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(ProcessEnv)
+    }
+
+    /// Reads and validates every setting from `source`.
+    pub fn from_source<S: Source>(source: S) -> Result<Self, ConfigError> {
+        let s = Settings(source);
+
+        let redis_url = non_empty(&s, "REDIS_URL", "redis://127.0.0.1:6379");
+        redis::Client::open(redis_url.as_str()).map_err(|err| {
+            ConfigError::new(
+                "REDIS_URL",
+                &redis_url,
+                format_args!("not a Redis URL: {err}"),
+            )
+        })?;
+        let redis_key_prefix = non_empty(&s, "REDIS_KEY_PREFIX", DEFAULT_KEY_PREFIX);
+        if !crate::store::valid_prefix(&redis_key_prefix) {
+            return Err(ConfigError::new(
+                "REDIS_KEY_PREFIX",
+                &redis_key_prefix,
+                "must not contain '{' or '}' (they would break the Redis Cluster hash tags)",
+            ));
+        }
+
+        let length: u8 = s.get_in_range("OTP_LENGTH", 4, MIN_CODE_LENGTH..=MAX_CODE_LENGTH)?;
+        let code_length = CodeLength::new(length).expect("range checked above");
+        let otp_limits = OtpLimits {
+            code_ttl: secs(&s, "OTP_TTL_SECONDS", 300, 10..=3600)?,
+            resend_cooldown: secs(&s, "OTP_RESEND_COOLDOWN_SECONDS", 60, 1..=3600)?,
+            max_sends_per_phone: s.get_in_range("OTP_MAX_SENDS_PER_PHONE_PER_HOUR", 5, 1..=100)?,
+            max_sends_per_client: s.get_in_range(
+                "OTP_MAX_SENDS_PER_CLIENT_PER_HOUR",
+                30,
+                1..=1_000_000,
+            )?,
+            max_attempts: s.get_in_range("OTP_MAX_ATTEMPTS", 5, 1..=20)?,
+            max_failed_per_phone: s.get_in_range(
+                "OTP_MAX_FAILED_PER_PHONE_PER_DAY",
+                10,
+                1..=1000,
+            )?,
+            ..OtpLimits::default()
+        };
+
+        let phone_default_region = s
+            .raw("PHONE_DEFAULT_REGION")
+            .map(|raw| {
+                raw.trim()
+                    .to_ascii_uppercase()
+                    .parse::<Region>()
+                    .map_err(|_| {
+                        ConfigError::new(
+                            "PHONE_DEFAULT_REGION",
+                            &raw,
+                            "expected a two-letter ISO 3166 region code, e.g. RU",
+                        )
+                    })
+            })
+            .transpose()?;
+
+        let sms_template = s
+            .raw("SMS_TEMPLATE")
+            .unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned());
+        if !sms_template.contains("{code}") || sms_template.len() > 480 {
+            return Err(ConfigError::new(
+                "SMS_TEMPLATE",
+                &sms_template,
+                "must contain {code} and be at most 480 bytes",
+            ));
+        }
+        let sms = match s.choice("SMS_PROVIDER", "log", &["log", "twilio"])? {
+            "twilio" => {
+                let why = "when SMS_PROVIDER=twilio";
+                let mut settings = TwilioSettings::new(
+                    s.url("TWILIO_API_BASE", "https://api.twilio.com")?,
+                    required(&s, "TWILIO_ACCOUNT_SID", why)?,
+                    SecretString::from(required(&s, "TWILIO_AUTH_TOKEN", why)?),
+                    required(&s, "TWILIO_FROM", why)?,
+                );
+                settings.template = sms_template.clone();
+                SmsProvider::Twilio(settings)
+            }
+            _ => SmsProvider::Log,
+        };
+
+        let jwt_previous_public_keys = s
+            .raw("JWT_PREVIOUS_PUBLIC_KEYS")
+            .map(|raw| {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        Ok(Self {
+            grpc_addr: s.socket_addr("AUTH_GRPC_ADDR", "0.0.0.0:50051")?,
+            redis_url,
+            redis_key_prefix,
+            referral_grpc_url: s.url("REFERRAL_GRPC_URL", "http://127.0.0.1:50052")?,
+            jwt_signing_key_file: s.raw("JWT_SIGNING_KEY_FILE").map(PathBuf::from),
+            jwt_previous_public_keys,
+            jwt_issuer: non_empty(&s, "JWT_ISSUER", "refsys-auth"),
+            jwt_audience: non_empty(&s, "JWT_AUDIENCE", "refsys"),
+            access_token_ttl: secs(&s, "ACCESS_TOKEN_TTL_SECONDS", 900, 60..=86_400)?,
+            refresh_token_ttl: secs(&s, "REFRESH_TOKEN_TTL_SECONDS", 2_592_000, 60..=31_536_000)?,
+            code_length,
+            otp_limits,
+            otp_pepper_file: s.raw("OTP_PEPPER_FILE").map(PathBuf::from),
+            trusted_proxy_hops: s.get_in_range("TRUSTED_PROXY_HOPS", 0, 0..=10)?,
+            phone_default_region,
+            sms_template,
+            sms,
+            server: ServerSettings::from_source(&s)?,
+        })
+    }
+
+    /// The pepper from `OTP_PEPPER_FILE` (surrounding whitespace trimmed), or without one a
+    /// random pepper and a warning: codes then die with the process and replicas cannot verify
+    /// each other's codes.
+    pub fn load_pepper(&self) -> Result<Pepper, ConfigError> {
+        let Some(path) = &self.otp_pepper_file else {
+            tracing::warn!(
+                "OTP_PEPPER_FILE is not set: using a random pepper for this process. Codes stop \
+                 working on restart and replicas cannot verify each other's codes. Development only."
+            );
+            return Ok(Pepper::random(&mut rand::rng()));
+        };
+        let shown = path.display().to_string();
+        let bytes =
+            std::fs::read(path).map_err(|err| ConfigError::new("OTP_PEPPER_FILE", &shown, err))?;
+        let trimmed = bytes.trim_ascii().to_vec();
+        Pepper::from_bytes(trimmed).ok_or_else(|| {
+            ConfigError::new(
+                "OTP_PEPPER_FILE",
+                &shown,
+                format_args!("the pepper must be at least {} bytes", Pepper::MIN_LEN),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<AuthConfig, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        AuthConfig::from_source(map)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.grpc_addr.to_string(), "0.0.0.0:50051");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(c.redis_key_prefix, "refsys:auth:");
+        assert_eq!(c.referral_grpc_url, "http://127.0.0.1:50052");
+        assert_eq!(c.jwt_issuer, "refsys-auth");
+        assert_eq!(c.jwt_audience, "refsys");
+        assert!(c.jwt_signing_key_file.is_none());
+        assert!(c.jwt_previous_public_keys.is_empty());
+        assert_eq!(c.access_token_ttl, Duration::from_secs(900));
+        assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(c.code_length.get(), 4);
+        let l = &c.otp_limits;
+        assert_eq!(l.code_ttl, Duration::from_secs(300));
+        assert_eq!(l.resend_cooldown, Duration::from_secs(60));
+        assert_eq!(
+            (
+                l.max_sends_per_phone,
+                l.max_sends_per_client,
+                l.max_attempts
+            ),
+            (5, 30, 5)
+        );
+        assert_eq!(l.max_failed_per_phone, 10);
+        assert_eq!(l.send_window, Duration::from_secs(3600));
+        assert_eq!(l.failure_window, Duration::from_secs(86_400));
+        assert!(c.otp_pepper_file.is_none());
+        assert_eq!(c.trusted_proxy_hops, 0);
+        assert!(c.phone_default_region.is_none());
+        assert_eq!(c.sms_template, "Your refsys code: {code}");
+        assert!(matches!(c.sms, SmsProvider::Log));
+        assert!(c.server.metrics_addr.is_none());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = config(&[
+            ("OTP_LENGTH", "6"),
+            ("OTP_MAX_ATTEMPTS", "3"),
+            ("PHONE_DEFAULT_REGION", "ru"),
+            ("JWT_PREVIOUS_PUBLIC_KEYS", "/keys/a.pem, /keys/b.pem,"),
+            ("TRUSTED_PROXY_HOPS", "1"),
+            ("METRICS_ADDR", "0.0.0.0:9090"),
+            ("SMS_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", "AC1"),
+            ("TWILIO_AUTH_TOKEN", "tok"),
+            ("TWILIO_FROM", "+15005550006"),
+            ("SMS_TEMPLATE", "{code} is your code"),
+        ])
+        .unwrap();
+        assert_eq!(c.code_length.get(), 6);
+        assert_eq!(c.otp_limits.max_attempts, 3);
+        assert_eq!(c.phone_default_region, Some(Region::RU));
+        assert_eq!(c.jwt_previous_public_keys.len(), 2);
+        assert_eq!(c.trusted_proxy_hops, 1);
+        assert!(c.server.metrics_addr.is_some());
+        let SmsProvider::Twilio(t) = &c.sms else {
+            panic!("twilio expected")
+        };
+        assert_eq!(t.api_base, "https://api.twilio.com");
+        assert_eq!(t.template, "{code} is your code");
+        assert!(!format!("{c:?}").contains("tok\""));
+    }
+
+    #[test]
+    fn bad_values_are_one_line_naming_the_key() {
+        for (key, value) in [
+            ("OTP_LENGTH", "3"),
+            ("OTP_LENGTH", "9"),
+            ("OTP_LENGTH", "four"),
+            ("OTP_TTL_SECONDS", "0"),
+            ("OTP_MAX_ATTEMPTS", "0"),
+            ("OTP_MAX_SENDS_PER_PHONE_PER_HOUR", "-1"),
+            ("OTP_MAX_FAILED_PER_PHONE_PER_DAY", "0"),
+            ("ACCESS_TOKEN_TTL_SECONDS", "5"),
+            ("REDIS_URL", "http://nope"),
+            ("REDIS_KEY_PREFIX", "a{b}:"),
+            ("REFERRAL_GRPC_URL", "referral:50052"),
+            ("AUTH_GRPC_ADDR", "nowhere"),
+            ("PHONE_DEFAULT_REGION", "Russia"),
+            ("SMS_PROVIDER", "carrier-pigeon"),
+            ("SMS_TEMPLATE", "no code here"),
+            ("TRUSTED_PROXY_HOPS", "99"),
+        ] {
+            let err = config(&[(key, value)]).unwrap_err();
+            let line = err.to_string();
+            assert!(line.contains(key), "{key}={value}: {line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn twilio_needs_its_credentials() {
+        let err = config(&[("SMS_PROVIDER", "twilio"), ("TWILIO_ACCOUNT_SID", "AC1")]).unwrap_err();
+        assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"), "{err}");
+        let err = config(&[
+            ("SMS_PROVIDER", "twilio"),
+            ("TWILIO_ACCOUNT_SID", "AC1"),
+            ("TWILIO_AUTH_TOKEN", "t"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("TWILIO_FROM"), "{err}");
+    }
+
+    #[test]
+    fn pepper_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("pepper");
+        std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny").unwrap();
+        let with = |path: &std::path::Path| {
+            config(&[("OTP_PEPPER_FILE", path.to_str().unwrap())]).unwrap()
+        };
+        assert!(with(&good).load_pepper().is_ok());
+        let err = with(&short).load_pepper().unwrap_err();
+        assert!(err.to_string().contains("OTP_PEPPER_FILE"));
+        assert!(!err.to_string().contains("tiny"));
+        let err = with(&dir.path().join("missing")).load_pepper().unwrap_err();
+        assert!(err.to_string().contains("OTP_PEPPER_FILE"));
+        assert!(config(&[]).unwrap().load_pepper().is_ok());
+    }
+}
