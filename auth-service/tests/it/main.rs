@@ -2,6 +2,7 @@
 //! redis://127.0.0.1:6379). Every test uses its own random key prefix.
 
 mod otp_store;
+mod outage;
 mod refresh_store;
 mod sms;
 
