@@ -83,10 +83,18 @@ impl AuthHandler {
             .map_err(|err| AuthError::invalid("phone_number", err.to_string()))
     }
 
-    async fn send_code(&self, phone: PhoneNumber, client: Option<String>) -> Result<pb::SendCodeResponse, AuthError> {
+    async fn send_code(
+        &self,
+        phone: PhoneNumber,
+        client: Option<String>,
+    ) -> Result<pb::SendCodeResponse, AuthError> {
         let code = OtpCode::generate(&mut rand::rng(), self.code_length);
         let hash = self.pepper.hash_code(&phone, &code);
-        let reservation = match self.otp.begin_send(&phone, client.as_deref(), &hash).await? {
+        let reservation = match self
+            .otp
+            .begin_send(&phone, client.as_deref(), &hash)
+            .await?
+        {
             SendAdmission::Admitted(reservation) => reservation,
             SendAdmission::Refused { limit, retry_after } => {
                 return Err(AuthError::RateLimited { limit, retry_after });
@@ -143,7 +151,10 @@ impl AuthHandler {
 
         // Until the code is consumed, any failure gives it back so a retry can use it.
         let signed_in = async {
-            let user = self.directory.ensure_user(&phone, invite_code, caller_timeout).await?;
+            let user = self
+                .directory
+                .ensure_user(&phone, invite_code, caller_timeout)
+                .await?;
             let owner = FamilyOwner {
                 user_id: user.user_id.clone(),
                 roles: user.roles.clone(),
@@ -245,11 +256,18 @@ impl AuthService for AuthHandler {
         request: Request<pb::RefreshTokensRequest>,
     ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
         let presented = Self::parse_refresh_token(&request.get_ref().refresh_token)?;
-        let (owner, token) = match self.refresh.rotate(&presented).await.map_err(AuthError::from)? {
+        let (owner, token) = match self
+            .refresh
+            .rotate(&presented)
+            .await
+            .map_err(AuthError::from)?
+        {
             RotateOutcome::Rotated { owner, token } => (owner, token),
             RotateOutcome::Reused => {
                 metrics::REFRESH_REUSE.inc();
-                tracing::warn!("an already-rotated refresh token was presented; its family is revoked");
+                tracing::warn!(
+                    "an already-rotated refresh token was presented; its family is revoked"
+                );
                 return Err(AuthError::RefreshTokenReused.into());
             }
             RotateOutcome::Invalid => return Err(AuthError::InvalidRefreshToken.into()),
@@ -269,7 +287,10 @@ impl AuthService for AuthHandler {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let presented = Self::parse_refresh_token(&request.get_ref().refresh_token)?;
-        self.refresh.revoke(&presented).await.map_err(AuthError::from)?;
+        self.refresh
+            .revoke(&presented)
+            .await
+            .map_err(AuthError::from)?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
@@ -332,10 +353,25 @@ mod tests {
     fn the_client_is_the_peer_unless_proxies_are_trusted() {
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
         let header = Some("203.0.113.7, 10.0.0.1");
-        assert_eq!(client_address(Some(peer), header, 0).as_deref(), Some("10.0.0.9"));
-        assert_eq!(client_address(Some(peer), header, 1).as_deref(), Some("10.0.0.1"));
-        assert_eq!(client_address(Some(peer), header, 2).as_deref(), Some("203.0.113.7"));
-        assert_eq!(client_address(Some(peer), header, 5).as_deref(), Some("203.0.113.7"));
-        assert_eq!(client_address(Some(peer), None, 1).as_deref(), Some("10.0.0.9"));
+        assert_eq!(
+            client_address(Some(peer), header, 0).as_deref(),
+            Some("10.0.0.9")
+        );
+        assert_eq!(
+            client_address(Some(peer), header, 1).as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            client_address(Some(peer), header, 2).as_deref(),
+            Some("203.0.113.7")
+        );
+        assert_eq!(
+            client_address(Some(peer), header, 5).as_deref(),
+            Some("203.0.113.7")
+        );
+        assert_eq!(
+            client_address(Some(peer), None, 1).as_deref(),
+            Some("10.0.0.9")
+        );
     }
 }

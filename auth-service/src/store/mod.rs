@@ -114,3 +114,14 @@ pub(crate) fn ms(duration: Duration) -> u64 {
         .unwrap_or(u64::MAX)
         .max(1)
 }
+
+/// Whether Redis answers a PING within `timeout` (the readiness check).
+pub async fn is_reachable(conn: &ConnectionManager, timeout: Duration) -> bool {
+    let mut conn = conn.clone();
+    bounded(timeout, async {
+        let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(pong)
+    })
+    .await
+    .is_ok()
+}
