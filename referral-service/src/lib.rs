@@ -52,6 +52,37 @@ pub async fn repository(config: &Config) -> Result<Repository, StartError> {
     Ok(Repository::new(pool, config.bonuses))
 }
 
+/// The three gRPC services, each behind the token check it needs: `ReferralService` a user's
+/// access token, `UserDirectory` a service token with the ensure-user scope, `AdminService` a
+/// user token with the admin role.
+pub fn routes(
+    repository: &Repository,
+    authenticator: Arc<Authenticator>,
+) -> tonic::service::Routes {
+    let referral = ReferralServiceServer::new(grpc::ReferralHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let directory = UserDirectoryServer::new(grpc::DirectoryHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let admin = AdminServiceServer::new(grpc::AdminHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    tonic::service::Routes::builder()
+        .add_service(Authenticated::new(
+            referral,
+            authenticator.clone(),
+            Requirement::User,
+        ))
+        .add_service(Authenticated::new(
+            directory,
+            authenticator.clone(),
+            Requirement::Service {
+                scope: ENSURE_USER_SCOPE,
+            },
+        ))
+        .add_service(Authenticated::new(admin, authenticator, Requirement::Admin))
+        .clone()
+        .routes()
+}
+
 /// Serves the three gRPC services on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: &Config,
@@ -77,28 +108,7 @@ pub async fn serve(
         Some(jwks),
     ));
 
-    let referral = ReferralServiceServer::new(grpc::ReferralHandler::new(repository.clone()))
-        .max_decoding_message_size(MAX_DECODE_BYTES);
-    let directory = UserDirectoryServer::new(grpc::DirectoryHandler::new(repository.clone()))
-        .max_decoding_message_size(MAX_DECODE_BYTES);
-    let admin = AdminServiceServer::new(grpc::AdminHandler::new(repository.clone()))
-        .max_decoding_message_size(MAX_DECODE_BYTES);
-    let routes = tonic::service::Routes::builder()
-        .add_service(Authenticated::new(
-            referral,
-            authenticator.clone(),
-            Requirement::User,
-        ))
-        .add_service(Authenticated::new(
-            directory,
-            authenticator.clone(),
-            Requirement::Service {
-                scope: ENSURE_USER_SCOPE,
-            },
-        ))
-        .add_service(Authenticated::new(admin, authenticator, Requirement::Admin))
-        .clone()
-        .routes();
+    let routes = routes(&repository, authenticator);
 
     let readiness_repository = repository.clone();
     let app = App {

@@ -2,6 +2,7 @@
 //! with the migrations applied. One test binary on purpose (link time on 2 cores).
 
 mod activation;
+mod auth;
 mod grpc;
 mod users;
 
