@@ -31,7 +31,9 @@
 //! [`OtpStore::consume`]s the claim (sign-in finished) or [`OtpStore::release`]s it (a
 //! dependency was down; the code stays usable until it expires). While a claim is live,
 //! other verifications are refused, and only the holder of the latest claim can consume, so
-//! at most one verification of a code ever succeeds.
+//! at most one verification of a code ever succeeds. Consuming a code also ends the resend
+//! cooldown of the send that delivered it (nothing is pending any more); the hourly caps still
+//! count that send.
 
 use std::time::Duration;
 
@@ -213,16 +215,22 @@ redis.call('HSET', KEYS[1], 'c', ARGV[5], 'ce', now + tonumber(ARGV[6]))
 return {0, 0}
 "#;
 
-// KEYS: otp. ARGV: claim id. Returns 1 when the claim was still held and the code is gone.
+// KEYS: otp, cooldown. ARGV: claim id. Returns 1 when the claim was still held and the code
+// is gone. The cooldown of the send that delivered this code ends too: it guards against
+// resending a pending code, and there is none left.
 const CONSUME: &str = r#"
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
+  if redis.call('GET', KEYS[2]) == redis.call('HGET', KEYS[1], 'r') then
+    redis.call('DEL', KEYS[2])
+  end
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 "#;
 
-// KEYS: otp. ARGV: claim id. Returns 1 when the claim was still held and is now dropped.
+// KEYS: otp (cooldown unused). ARGV: claim id. Returns 1 when the claim was still held and is
+// now dropped.
 const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'c', 'ce')
@@ -454,7 +462,9 @@ impl OtpStore {
         .await
     }
 
-    /// Uses up a claimed code. `false` when the claim was lost (its lease ran out and another
+    /// Uses up a claimed code and ends the resend cooldown of the send that delivered it (the
+    /// hourly caps still count that send), so signing in again right away, e.g. on another
+    /// device, works. `false` when the claim was lost (its lease ran out and another
     /// verification claimed the code, or the code expired or was replaced): the sign-in must
     /// then fail, or two verifications could both succeed.
     pub async fn consume(&self, claim: Claim) -> Result<bool, StoreError> {
@@ -472,6 +482,7 @@ impl OtpStore {
             let mut conn = self.conn.clone();
             let done: i64 = script
                 .key(self.phone_key(&claim.phone, "otp"))
+                .key(self.phone_key(&claim.phone, "cooldown"))
                 .arg(&claim.id)
                 .invoke_async(&mut conn)
                 .await?;

@@ -193,6 +193,15 @@ async fn right_code_works_once() {
     assert_eq!(claim.phone(), &to);
     assert!(f.store.consume(claim).await.unwrap());
     assert!(matches!(f.verify(&to, &code).await, VerifyOutcome::NoCode));
+    // Nothing is pending any more: signing in again needs no cooldown wait.
+    let (again, _) = f.send(&to, None).await;
+    assert!(matches!(
+        f.verify(&to, &again).await,
+        VerifyOutcome::Claimed(_)
+    ));
+    // ...but a pending code still has its cooldown.
+    let (limit, _) = refused(f.try_send(&to, None, &again).await);
+    assert_eq!(limit, Limit::ResendCooldown);
 }
 
 #[tokio::test]
