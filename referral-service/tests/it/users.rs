@@ -160,3 +160,21 @@ async fn the_pool_recovers_after_postgres_drops_every_connection(pool: PgPool) {
         assert!(recovered, "the pool did not recover");
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_not_internal() {
+    // Nothing listens on port 1: every call fails at connect, within the acquire timeout.
+    let pool = referral_service::storage::connect(
+        "postgres://postgres@127.0.0.1:1/refsys",
+        2,
+        std::time::Duration::from_secs(1),
+    )
+    .await
+    .expect("a lazy pool needs no database to be created");
+    let repository = Repository::new(pool, BONUSES);
+    let err = repository.ensure_user(&phone(1)).await.unwrap_err();
+    assert!(matches!(err, ReferralError::Unavailable(_)), "{err:?}");
+    assert!(!repository.is_reachable().await);
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+}
