@@ -46,6 +46,15 @@ pub fn render(template: &str, code: &str) -> String {
     template.replace("{code}", code)
 }
 
+/// Masks the recipient wherever a provider's error text repeats it (Twilio's do), so the
+/// number never reaches the logs in full.
+fn redact(detail: &str, to: &PhoneNumber) -> String {
+    let e164 = to.e164();
+    detail
+        .replace(e164, &to.masked())
+        .replace(&e164[1..], &to.masked())
+}
+
 /// Dev provider: delivers nothing, logs the code and the masked phone at [`DEV_LOG_TARGET`].
 #[derive(Debug, Clone, Default)]
 pub struct LogSender;
@@ -193,10 +202,12 @@ impl SmsSender for TwilioSender {
                 match self.attempt(to, &body).await {
                     Attempt::Sent => return Ok(()),
                     Attempt::Rejected(status, detail) => {
+                        let detail = redact(&detail, to);
                         tracing::warn!(phone = %to, status, "twilio refused the message");
                         return Err(SmsError::Rejected { status, detail });
                     }
                     Attempt::Retryable(detail) => {
+                        let detail = redact(&detail, to);
                         tracing::warn!(phone = %to, attempt, error = %detail, "twilio send failed");
                         last = detail;
                     }
@@ -234,6 +245,15 @@ mod tests {
             detail: "auth".into(),
         }));
         assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn provider_errors_do_not_carry_the_full_number() {
+        let to = PhoneNumber::parse("+79601233017", None).unwrap();
+        let detail = r#"{"message": "The 'To' number +79601233017 is not valid (79601233017)"}"#;
+        let redacted = redact(detail, &to);
+        assert!(!redacted.contains("79601233017"), "{redacted}");
+        assert!(redacted.contains("+7960***3017"));
     }
 
     #[derive(Clone, Default)]

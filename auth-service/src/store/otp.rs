@@ -154,9 +154,15 @@ if n > 0 then redis.call('DECR', KEYS[1]) end
 return 0
 "#;
 
-// KEYS: otp, cooldown, sends. ARGV: code hash, code ttl ms, cooldown ms, max sends, window ms,
-// reservation id. Returns {0, 0} admitted, {1, ms} cooldown, {2, ms} hourly cap.
+// KEYS: otp, cooldown, sends, fails. ARGV: code hash, code ttl ms, cooldown ms, max sends,
+// window ms, reservation id, max fails. Returns {0, 0} admitted, {1, ms} cooldown, {2, ms}
+// hourly cap, {3, ms} verification locked (a code could not be used, so none is sent).
 const SEND_ADMIT: &str = r#"
+local fails = tonumber(redis.call('GET', KEYS[4]) or '0')
+if fails >= tonumber(ARGV[7]) then
+  local ttl = redis.call('PTTL', KEYS[4])
+  if ttl > 0 then return {3, ttl} end
+end
 local cooldown = redis.call('PTTL', KEYS[2])
 if cooldown > 0 then return {1, cooldown} end
 local sends = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -298,7 +304,8 @@ impl OtpStore {
     }
 
     /// Admits a send to `phone` requested by `client` (the caller's address; `None` skips the
-    /// per-client cap) and stores `code_hash` as the phone's pending code with a fresh attempt
+    /// per-client cap) — refused while the phone's verification is locked out, during the resend
+    /// cooldown, and past the hourly caps — and stores `code_hash` as the phone's pending code with a fresh attempt
     /// counter, replacing any earlier code.
     pub async fn begin_send(
         &self,
@@ -333,12 +340,14 @@ impl OtpStore {
                 .key(self.phone_key(phone, "otp"))
                 .key(self.phone_key(phone, "cooldown"))
                 .key(self.phone_key(phone, "sends"))
+                .key(self.phone_key(phone, "fails"))
                 .arg(code_hash)
                 .arg(ms(l.code_ttl))
                 .arg(ms(l.resend_cooldown))
                 .arg(l.max_sends_per_phone)
                 .arg(ms(l.send_window))
                 .arg(&id)
+                .arg(l.max_failed_per_phone)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(StoreError::from);
@@ -354,6 +363,7 @@ impl OtpStore {
                 }
                 Ok((1, wait)) => Ok((Limit::ResendCooldown, millis(wait))),
                 Ok((2, wait)) => Ok((Limit::PhoneHourlySends, millis(wait))),
+                Ok((3, wait)) => Ok((Limit::PhoneDailyFailures, millis(wait))),
                 Ok((other, _)) => Err(StoreError::Corrupt(format!(
                     "send script returned status {other}"
                 ))),

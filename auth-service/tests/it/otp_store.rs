@@ -257,7 +257,8 @@ async fn daily_failures_lock_the_phone_across_codes() {
     })
     .await;
     let to = phone("+79601233017");
-    // 2 + 2 + 1 failures over three codes.
+    // 2 + 2 + 1 failures over three codes; the third code itself is not burned.
+    let mut last = None;
     for tries in [2, 2, 1] {
         let_cooldown_expire().await;
         let (code, _) = f.send(&to, None).await;
@@ -267,15 +268,21 @@ async fn daily_failures_lock_the_phone_across_codes() {
                 VerifyOutcome::Wrong { .. }
             ));
         }
+        last = Some(code);
     }
-    let_cooldown_expire().await;
-    let (code, _) = f.send(&to, None).await;
-    match f.verify(&to, &code).await {
+    // Locked: even the right code of a live, unburned code is refused.
+    match f.verify(&to, &last.unwrap()).await {
         VerifyOutcome::LockedOut { retry_after } => {
             assert_near(retry_after, Duration::from_secs(24 * 3600))
         }
         other => panic!("locked phone verified: {other:?}"),
     }
+    // No new code is sent while locked: it could not be used.
+    let_cooldown_expire().await;
+    let code = OtpCode::generate(&mut f.rng, CodeLength::default());
+    let (limit, retry_after) = refused(f.try_send(&to, None, &code).await);
+    assert_eq!(limit, Limit::PhoneDailyFailures);
+    assert_near(retry_after, Duration::from_secs(24 * 3600));
     // Other phones are not affected.
     let other = phone("+79601233018");
     let (code, _) = f.send(&other, None).await;
