@@ -320,7 +320,8 @@ impl Repository {
         invitee: UserId,
         code: Option<&str>,
     ) -> Result<InviteOutcome, ReferralError> {
-        let Some(code) = code else {
+        // A blank code (a client that always sends the field) is no code.
+        let Some(code) = code.filter(|code| !code.trim().is_empty()) else {
             return Ok(InviteOutcome::NotProvided);
         };
         let result = match InviteCode::parse(code) {

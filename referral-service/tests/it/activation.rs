@@ -211,6 +211,14 @@ async fn sign_in_activation_reports_refusals_as_outcomes(pool: PgPool) {
         outcome(repository.activate_at_sign_in(id(&all[1]), None).await),
         InviteOutcome::NotProvided
     );
+    assert_eq!(
+        outcome(
+            repository
+                .activate_at_sign_in(id(&all[1]), Some("  "))
+                .await
+        ),
+        InviteOutcome::NotProvided
+    );
     assert!(matches!(
         outcome(
             repository
