@@ -24,6 +24,14 @@ use crate::{prefix, redis_url};
 
 const FAILING_PHONE: &str = "+79601230099";
 
+/// The stub's user id for a phone (not containing the number, which must never be logged).
+fn user_id_of(phone: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    phone.hash(&mut hasher);
+    format!("user-{:016x}", hasher.finish())
+}
+
 #[derive(Default)]
 struct StubDirectory {
     down: AtomicBool,
@@ -50,7 +58,7 @@ impl UserDirectory for StubDirectory {
         }
         let phone = &request.get_ref().phone_number;
         Ok(Response::new(EnsureUserResponse {
-            user_id: format!("user-{}", phone.trim_start_matches('+')),
+            user_id: user_id_of(phone),
             created: true,
             roles: vec!["admin".to_owned()],
             invite_code_outcome: InviteCodeOutcome::NotProvided.into(),
@@ -206,7 +214,7 @@ async fn sign_in_refresh_reuse_and_revoke() {
     assert_eq!(code.len(), 4);
     // Another spelling of the same number.
     let signed_in = h.verify("+7 960 1233017", &code).await.unwrap();
-    assert_eq!(signed_in.user_id, "user-79601233017");
+    assert_eq!(signed_in.user_id, user_id_of("+79601233017"));
     assert!(signed_in.new_user);
     assert_eq!(signed_in.refresh_token.len(), 43);
     // The code worked once.
@@ -222,7 +230,7 @@ async fn sign_in_refresh_reuse_and_revoke() {
         .unwrap()
         .into_inner();
     assert!(introspected.active);
-    assert_eq!(introspected.subject, "user-79601233017");
+    assert_eq!(introspected.subject, user_id_of("+79601233017"));
     assert_eq!(introspected.roles, vec!["admin".to_owned()]);
 
     let second = h.refresh(&signed_in.refresh_token).await.unwrap();
@@ -335,4 +343,66 @@ async fn referral_outage_leaves_the_code_usable_for_one_retry() {
         Code::Unauthenticated
     );
     assert_eq!(h.directory.calls.load(Ordering::SeqCst), 3);
+}
+
+/// Everything any test in this binary logs from now on.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        logs
+    })
+    .clone()
+}
+
+struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn nothing_secret_is_logged() {
+    let logs = captured_logs();
+    let mut h = Harness::start(&[("OTP_LENGTH", "8")]).await;
+    let phone = "+79601234567";
+    h.send(phone).await.unwrap();
+    let code = h.latest_code(phone).await;
+    let wrong = if code == "00000000" {
+        "11111111"
+    } else {
+        "00000000"
+    };
+    h.verify(phone, wrong).await.unwrap_err();
+    let signed_in = h.verify(phone, &code).await.unwrap();
+    let rotated = h.refresh(&signed_in.refresh_token).await.unwrap();
+    h.refresh(&signed_in.refresh_token).await.unwrap_err(); // reuse
+    h.directory.down.store(true, Ordering::SeqCst);
+    h.send(FAILING_PHONE).await.unwrap_err();
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.contains("+7960***4567"), "the masked phone is logged");
+    for secret in [
+        "79601234567",
+        "79601230099",
+        code.as_str(),
+        signed_in.access_token.as_str(),
+        signed_in.refresh_token.as_str(),
+        rotated.as_str(),
+    ] {
+        assert!(!logs.contains(secret), "{secret} was logged:\n{logs}");
+    }
 }
