@@ -176,4 +176,21 @@ mod tests {
         assert!(!debug.contains("79601233017"), "{debug}");
         assert!(debug.contains("+7960***3017"));
     }
+
+    #[test]
+    fn junk_from_the_allowed_alphabet_never_panics() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let alphabet = b"0123456789 -()+";
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..2_000 {
+            let len = rng.random_range(0..24);
+            let input: String = (0..len)
+                .map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())]))
+                .collect();
+            let _ = PhoneNumber::parse(&input, None);
+            let _ = PhoneNumber::parse(&input, Some(Region::RU));
+            let _ = PhoneNumber::parse(&format!("+{input}"), None);
+        }
+    }
 }
