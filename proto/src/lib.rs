@@ -34,14 +34,27 @@ mod tests {
         let comments: Vec<_> = auth
             .source_code_info
             .as_ref()
-            .map(|info| info.location.iter().filter_map(|l| l.leading_comments.clone()).collect())
+            .map(|info| {
+                info.location
+                    .iter()
+                    .filter_map(|l| l.leading_comments.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(
-            comments.iter().any(|c| c.contains("Sends a one-time numeric code")),
+            comments
+                .iter()
+                .any(|c| c.contains("Sends a one-time numeric code")),
             "source comments are missing from the descriptor set"
         );
-        for wanted in ["google/protobuf/timestamp.proto", "google/protobuf/field_mask.proto"] {
-            assert!(set.file.iter().any(|f| f.name() == wanted), "{wanted} is missing");
+        for wanted in [
+            "google/protobuf/timestamp.proto",
+            "google/protobuf/field_mask.proto",
+        ] {
+            assert!(
+                set.file.iter().any(|f| f.name() == wanted),
+                "{wanted} is missing"
+            );
         }
     }
 }

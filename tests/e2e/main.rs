@@ -5,4 +5,5 @@ mod bad_input;
 mod faults;
 mod foundation;
 mod journey;
+mod keys;
 mod observability;

@@ -67,6 +67,13 @@ impl ServiceProcess {
         self.child = Some(child);
     }
 
+    /// Overrides settings for the next (re)start.
+    pub fn set_env(&mut self, overrides: &mut Vec<(String, String)>) {
+        self.env
+            .retain(|(key, _)| !overrides.iter().any(|(k, _)| k == key));
+        self.env.append(overrides);
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
