@@ -111,3 +111,28 @@ async fn tokens_expire_with_their_ttl() {
         RotateOutcome::Invalid
     ));
 }
+
+#[tokio::test]
+async fn parallel_rotations_of_one_token_rotate_once_and_revoke_the_family() {
+    let store = std::sync::Arc::new(store().await);
+    let token = store.create_family(&owner()).await.unwrap().token;
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            let token = same(&token);
+            tokio::spawn(async move { store.rotate(&token).await.unwrap() })
+        })
+        .collect();
+    let mut rotated = Vec::new();
+    for task in tasks {
+        if let RotateOutcome::Rotated { token, .. } = task.await.unwrap() {
+            rotated.push(token.token);
+        }
+    }
+    assert_eq!(rotated.len(), 1);
+    // The losers presented an already-rotated token: the family is gone, the winner's too.
+    assert!(matches!(
+        store.rotate(&rotated[0]).await.unwrap(),
+        RotateOutcome::Invalid
+    ));
+}
