@@ -154,8 +154,31 @@ impl Repository {
         &self.pool
     }
 
-    /// Whether Postgres answers (for readiness).
+    /// Whether Postgres answers (for readiness); also publishes the pool's occupancy.
     pub async fn is_reachable(&self) -> bool {
+        static POOL: std::sync::LazyLock<service_kit::metrics::IntGaugeVec> =
+            std::sync::LazyLock::new(|| {
+                service_kit::metrics::gauge_vec(
+                    "refsys_db_pool_connections",
+                    "Postgres pool connections by state (idle, in_use).",
+                    &["state"],
+                )
+            });
+        static POOL_MAX: std::sync::LazyLock<service_kit::metrics::IntGaugeVec> =
+            std::sync::LazyLock::new(|| {
+                service_kit::metrics::gauge_vec(
+                    "refsys_db_pool_max_connections",
+                    "Postgres pool size limit (DATABASE_MAX_CONNECTIONS).",
+                    &[],
+                )
+            });
+        let size = i64::from(self.pool.size());
+        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
+        POOL.with_label_values(&["idle"]).set(idle);
+        POOL.with_label_values(&["in_use"]).set(size - idle);
+        POOL_MAX
+            .with_label_values(&[] as &[&str])
+            .set(i64::from(self.pool.options().get_max_connections()));
         sqlx::query_scalar!("SELECT 1 AS \"one!\"")
             .fetch_one(&self.pool)
             .await

@@ -9,11 +9,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
-pub use prometheus::{IntCounter, IntCounterVec as LabelledCounter};
+pub use prometheus::{IntCounter, IntCounterVec as LabelledCounter, IntGaugeVec};
 
 /// Every metric of the process lives here.
 pub fn registry() -> &'static Registry {
@@ -40,6 +40,16 @@ pub fn counter(name: &str, help: &str) -> prometheus::IntCounter {
         tracing::error!(metric = name, %err, "metric registered twice");
     }
     counter
+}
+
+/// A gauge with labels, registered once under `name`.
+pub fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let gauge = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
+    if let Err(err) = registry().register(Box::new(gauge.clone())) {
+        tracing::error!(metric = name, %err, "metric registered twice");
+    }
+    gauge
 }
 
 /// The metrics every gRPC call updates, labelled by service, method and status code.

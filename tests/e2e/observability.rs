@@ -96,6 +96,8 @@ async fn metrics_count_rpcs_by_code_and_domain_events() {
     for expected in [
         r#"grpc_server_handled_total{grpc_code="OK",grpc_method="EnsureUser",grpc_service="refsys.referral.v1.UserDirectory"} 1"#,
         "refsys_invite_activations_total 0",
+        "refsys_db_pool_max_connections 10",
+        r#"refsys_db_pool_connections{state="in_use"}"#,
     ] {
         assert!(
             referral_metrics.contains(expected),
