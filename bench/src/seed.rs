@@ -16,7 +16,8 @@ pub const INVITEES: i64 = 100_000;
 /// The seeded inviter's phone: user 1, the earliest to join.
 pub const INVITER_PHONE: &str = "+79000000001";
 
-/// Seeds the database behind `stack`. Ids are ordered like UUIDv7 (by join order), invite codes
+/// Seeds the database behind `stack` (on top of what earlier scenarios created: a seeded row
+/// whose invite code happens to be taken already is skipped). Ids are ordered like UUIDv7 (by join order), invite codes
 /// are the user number in base 31 over the invite alphabet (unique), counters match the ledger.
 async fn seed(database_url: &str) -> Result<(), sqlx::Error> {
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -32,7 +33,8 @@ async fn seed(database_url: &str) -> Result<(), sqlx::Error> {
                      FROM generate_series(0, 5) k),
                     now() - interval '30 days' + g * interval '1 millisecond',
                     now()
-             FROM generate_series(1, {USERS}) g"
+             FROM generate_series(1, {USERS}) g
+             ON CONFLICT DO NOTHING"
         ),
         format!(
             "UPDATE users SET invited_by = lpad(to_hex(1), 32, '0')::uuid,
@@ -47,12 +49,11 @@ async fn seed(database_url: &str) -> Result<(), sqlx::Error> {
         "INSERT INTO user_counters (user_id, shard, invitees, points)
          SELECT id, 0, 0, 100 FROM users WHERE invited_by IS NOT NULL"
             .to_owned(),
-        format!(
-            "INSERT INTO user_counters (user_id, shard, invitees, points)
-             SELECT lpad(to_hex(1), 32, '0')::uuid, s, {INVITEES} / 16 + CASE WHEN s < {INVITEES} % 16 THEN 1 ELSE 0 END, 0
-             FROM generate_series(0, 15) s"
-        ),
-        "UPDATE user_counters SET points = invitees * 200 WHERE user_id = lpad(to_hex(1), 32, '0')::uuid".to_owned(),
+        "INSERT INTO user_counters (user_id, shard, invitees, points)
+         SELECT invited_by, (hashtext(id::text) & 15)::smallint AS shard, count(*), count(*) * 200
+         FROM users WHERE invited_by = lpad(to_hex(1), 32, '0')::uuid
+         GROUP BY invited_by, shard"
+            .to_owned(),
         "ANALYZE".to_owned(),
     ];
     // The append-only triggers guard the ledger against changes, not against seeding.

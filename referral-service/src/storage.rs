@@ -226,12 +226,24 @@ impl Repository {
 
     /// A user with the activated code and counter sums.
     pub async fn user(&self, id: UserId) -> Result<UserRecord, ReferralError> {
-        sqlx::query_as!(
-            UserRecord,
+        Ok(self.profile(id, 0).await?.0)
+    }
+
+    /// A user with their first `invitees` invitees (earliest first), in one round trip: a
+    /// profile read is the hottest call, and a second query per call costs as much as the first.
+    pub async fn profile(
+        &self,
+        id: UserId,
+        invitees: i64,
+    ) -> Result<(UserRecord, Vec<InviteeRecord>), ReferralError> {
+        let row = sqlx::query!(
             r#"SELECT u.id, u.phone_number, u.invite_code, u.invited_by, u.invite_activated_at,
                       i.invite_code AS "activated_invite_code?",
                       u.first_name, u.last_name, u.email, u.roles, u.created_at,
-                      c.points AS "bonus_points!", c.invitees AS "invitees_count!"
+                      c.points AS "bonus_points!", c.invitees AS "invitees_count!",
+                      f.ids AS "invitee_ids!: Vec<Uuid>",
+                      f.phones AS "invitee_phones!: Vec<String>",
+                      f.activated AS "invitee_activated_at!: Vec<DateTime<Utc>>"
                FROM users u
                LEFT JOIN users i ON i.id = u.invited_by
                CROSS JOIN LATERAL (
@@ -239,12 +251,51 @@ impl Repository {
                           COALESCE(sum(invitees), 0)::bigint AS invitees
                    FROM user_counters WHERE user_id = u.id
                ) c
+               CROSS JOIN LATERAL (
+                   SELECT COALESCE(array_agg(s.id ORDER BY s.invite_activated_at, s.id), '{}') AS ids,
+                          COALESCE(array_agg(s.phone_number ORDER BY s.invite_activated_at, s.id), '{}') AS phones,
+                          COALESCE(array_agg(s.invite_activated_at ORDER BY s.invite_activated_at, s.id), '{}') AS activated
+                   FROM (
+                       SELECT id, phone_number, invite_activated_at FROM users
+                       WHERE invited_by = u.id
+                       ORDER BY invite_activated_at, id
+                       LIMIT $2
+                   ) s
+               ) f
                WHERE u.id = $1"#,
-            id.0
+            id.0,
+            invitees
         )
         .fetch_optional(&self.pool)
         .await?
-        .ok_or(ReferralError::NotFound("user"))
+        .ok_or(ReferralError::NotFound("user"))?;
+        let invitees = row
+            .invitee_ids
+            .into_iter()
+            .zip(row.invitee_phones)
+            .zip(row.invitee_activated_at)
+            .map(|((id, phone_number), activated_at)| InviteeRecord {
+                id,
+                phone_number,
+                activated_at,
+            })
+            .collect();
+        let user = UserRecord {
+            id: row.id,
+            phone_number: row.phone_number,
+            invite_code: row.invite_code,
+            invited_by: row.invited_by,
+            invite_activated_at: row.invite_activated_at,
+            activated_invite_code: row.activated_invite_code,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            email: row.email,
+            roles: row.roles,
+            created_at: row.created_at,
+            bonus_points: row.bonus_points,
+            invitees_count: row.invitees_count,
+        };
+        Ok((user, invitees))
     }
 
     /// Activates `code` for `invitee`: the link, two ledger entries and the rollups, in one

@@ -218,10 +218,18 @@ impl KeySet {
     }
 }
 
+/// How many verified tokens [`Verifier`] remembers.
+const VERIFIED_CACHE_CAPACITY: usize = 4_096;
+
 /// Verifies access tokens against a replaceable [`KeySet`] (replaced when keys rotate).
+///
+/// A token verified once is remembered until it expires (or the keys change), because an
+/// Ed25519 signature check is the largest cost of a cheap read such as GetProfile; a cached
+/// token still has its expiry checked on every use.
 pub struct Verifier {
     validation: Validation,
     keys: RwLock<Arc<KeySet>>,
+    verified: std::sync::Mutex<HashMap<Box<str>, Verified>>,
 }
 
 impl Verifier {
@@ -236,11 +244,17 @@ impl Verifier {
         Self {
             validation,
             keys: RwLock::new(Arc::new(keys)),
+            verified: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     pub fn replace_keys(&self, keys: KeySet) {
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        // A key that left the set must stop vouching for the tokens it signed.
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn keys(&self) -> Arc<KeySet> {
@@ -249,6 +263,32 @@ impl Verifier {
 
     /// The claims of `token` when it is a valid access token.
     pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(hit) = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+        {
+            if now < hit.claims.exp.saturating_add(self.validation.leeway) {
+                return Ok(hit.clone());
+            }
+            return Err(TokenError::Expired);
+        }
+        let verified = self.verify_signature(token)?;
+        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= VERIFIED_CACHE_CAPACITY {
+            // Dropping everything is crude but O(1) amortised and bounded; hot tokens return
+            // on their next use.
+            cache.clear();
+        }
+        cache.insert(token.into(), verified.clone());
+        Ok(verified)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<Verified, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError::Invalid("algorithm must be EdDSA".into()));
@@ -368,6 +408,26 @@ mod tests {
             let token = format!("{header}.{body}.");
             assert!(verifier.verify(&token).is_err(), "{alg} accepted");
         }
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_and_key_changes_forget_it() {
+        let key = SigningKey::generate();
+        let verifier = verifier_for(&key);
+        // Expired 4 s ago: still inside the 5 s leeway, outside it 2 s later.
+        let short = key.sign(&claims("refsys", now() - 4)).unwrap();
+        assert!(verifier.verify(&short).is_ok());
+        assert!(verifier.verify(&short).is_ok(), "served from the cache");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        assert_eq!(verifier.verify(&short).unwrap_err(), TokenError::Expired);
+
+        let token = key.sign(&claims("refsys", now() + 60)).unwrap();
+        assert!(verifier.verify(&token).is_ok());
+        verifier.replace_keys(KeySet::from_jwks([SigningKey::generate().public_jwk()]));
+        assert!(matches!(
+            verifier.verify(&token),
+            Err(TokenError::UnknownKey(_))
+        ));
     }
 
     #[test]

@@ -14,58 +14,37 @@ const REFERRAL_SERVICES: &[&str] = &[
     "refsys.referral.v1.AdminService",
 ];
 
-async fn list_services_v1(process: &ServiceProcess) -> Vec<String> {
-    use v1::server_reflection_client::ServerReflectionClient;
-    use v1::server_reflection_request::MessageRequest;
-    use v1::server_reflection_response::MessageResponse;
-    let mut client = ServerReflectionClient::new(Stack::channel(process).await);
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection v1 answers")
-        .into_inner();
-    match stream
-        .message()
-        .await
-        .expect("a reply")
-        .and_then(|r| r.message_response)
-    {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
+/// `ListServices` through one version of the reflection API (v1 and v1alpha have the same
+/// shape in different packages; older grpcurl builds only speak v1alpha).
+macro_rules! list_services {
+    ($version:ident, $process:expr) => {{
+        use $version::server_reflection_client::ServerReflectionClient;
+        use $version::server_reflection_request::MessageRequest;
+        use $version::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(Stack::channel($process).await);
+        let request = $version::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection answers")
+            .into_inner();
+        match stream
+            .message()
+            .await
+            .expect("a reply")
+            .and_then(|r| r.message_response)
+        {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection reply {other:?}"),
         }
-        other => panic!("unexpected reflection reply {other:?}"),
-    }
-}
-
-async fn list_services_v1alpha(process: &ServiceProcess) -> Vec<String> {
-    use v1alpha::server_reflection_client::ServerReflectionClient;
-    use v1alpha::server_reflection_request::MessageRequest;
-    use v1alpha::server_reflection_response::MessageResponse;
-    let mut client = ServerReflectionClient::new(Stack::channel(process).await);
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection v1alpha answers")
-        .into_inner();
-    match stream
-        .message()
-        .await
-        .expect("a reply")
-        .and_then(|r| r.message_response)
-    {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection reply {other:?}"),
-    }
+    }};
 }
 
 #[tokio::test]
@@ -84,8 +63,8 @@ async fn both_services_serve_health_and_reflection() {
             );
         }
         for listed in [
-            list_services_v1(process).await,
-            list_services_v1alpha(process).await,
+            list_services!(v1, process),
+            list_services!(v1alpha, process),
         ] {
             for service in services.iter().chain(&["grpc.health.v1.Health"]) {
                 assert!(

@@ -48,12 +48,9 @@ impl AdminService for AdminHandler {
         request: Request<pb::AdminServiceGetUserRequest>,
     ) -> Result<Response<pb::AdminServiceGetUserResponse>, Status> {
         let id = UserId::parse(&request.get_ref().user_id, "user_id")?;
-        let (user, invitees) = tokio::try_join!(
-            self.repository.user(id),
-            self.repository.invitees(id, None, rules::PROFILE_INVITEES),
-        )?;
+        let (user, invitees) = self.repository.profile(id, rules::PROFILE_INVITEES).await?;
         Ok(Response::new(pb::AdminServiceGetUserResponse {
-            user: Some(convert::profile(user, invitees.items)),
+            user: Some(convert::profile(user, invitees)),
         }))
     }
 }

@@ -29,11 +29,8 @@ impl ReferralHandler {
     }
 
     async fn profile(&self, id: UserId) -> Result<pb::Profile, Status> {
-        let (user, invitees) = tokio::try_join!(
-            self.repository.user(id),
-            self.repository.invitees(id, None, rules::PROFILE_INVITEES),
-        )?;
-        Ok(convert::profile(user, invitees.items))
+        let (user, invitees) = self.repository.profile(id, rules::PROFILE_INVITEES).await?;
+        Ok(convert::profile(user, invitees))
     }
 
     async fn activate(&self, id: UserId, code: &str) -> Result<(), Status> {
