@@ -19,6 +19,10 @@ use tonic::transport::Channel;
 use crate::capture::CodeCapture;
 use crate::stats::{Recorder, Summary};
 
+/// What an operation answers when its prepared inputs ran out: the caller stops, unrecorded,
+/// and the rate is taken over the time the inputs lasted.
+const USED_UP: &str = "prepared inputs used up";
+
 /// HTTP/2 connections per service: one connection serialises on one server task.
 const CONNECTIONS: usize = 4;
 
@@ -159,6 +163,9 @@ impl Bench {
                 while Instant::now() < deadline {
                     let call = Instant::now();
                     let result = op(worker, iteration).await;
+                    if matches!(&result, Err(status) if status.message() == USED_UP) {
+                        break;
+                    }
                     recorder.record(call.elapsed(), &result);
                     iteration += 1;
                 }
@@ -256,7 +263,7 @@ impl Bench {
             .as_ref()
             .map_or((0, 0), |p| (p.invitees_count, p.bonus_points));
         let code = before.map(|p| p.invite_code).unwrap_or_default();
-        let pool_size = (duration.as_secs() as usize * 1500).max(self.concurrency);
+        let pool_size = (duration.as_secs() as usize * 2500).max(self.concurrency);
         let invitees = Arc::new(
             self.sign_in_many(pool_size, None)
                 .await
@@ -276,7 +283,7 @@ impl Bench {
                 async move {
                     let index = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(token) = invitees.get(index) else {
-                        return Err(Status::resource_exhausted("invitee pool used up"));
+                        return Err(Status::resource_exhausted(USED_UP));
                     };
                     this.referral(worker)
                         .activate_invite_code(bearer(

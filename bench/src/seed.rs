@@ -42,12 +42,14 @@ async fn seed(database_url: &str) -> Result<(), sqlx::Error> {
              WHERE id BETWEEN lpad(to_hex(2), 32, '0')::uuid AND lpad(to_hex({INVITEES} + 1), 32, '0')::uuid"
         ),
         "INSERT INTO bonus_ledger (user_id, amount, reason, counterpart_user_id, activation_id, created_at)
-         SELECT id, 100, 'invite_code_activated', invited_by, id, invite_activated_at FROM users WHERE invited_by IS NOT NULL
+         SELECT id, 100, 'invite_code_activated', invited_by, id, invite_activated_at FROM users
+         WHERE invited_by = lpad(to_hex(1), 32, '0')::uuid
          UNION ALL
-         SELECT invited_by, 200, 'invitee_joined', id, id, invite_activated_at FROM users WHERE invited_by IS NOT NULL"
+         SELECT invited_by, 200, 'invitee_joined', id, id, invite_activated_at FROM users
+         WHERE invited_by = lpad(to_hex(1), 32, '0')::uuid"
             .to_owned(),
         "INSERT INTO user_counters (user_id, shard, invitees, points)
-         SELECT id, 0, 0, 100 FROM users WHERE invited_by IS NOT NULL"
+         SELECT id, 0, 0, 100 FROM users WHERE invited_by = lpad(to_hex(1), 32, '0')::uuid"
             .to_owned(),
         "INSERT INTO user_counters (user_id, shard, invitees, points)
          SELECT invited_by, (hashtext(id::text) & 15)::smallint AS shard, count(*), count(*) * 200
