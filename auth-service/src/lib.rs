@@ -71,7 +71,21 @@ pub async fn serve(
         config.access_token_ttl,
         clock.clone(),
     ));
-    let conn = store::connect(&config.redis_url, REDIS_TIMEOUT).await?;
+    // Redis may come up after us (a rollout, a restart of both): wait for it rather than exit
+    // into a crash loop whose back-off outlasts the outage.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let conn = loop {
+        match store::connect(&config.redis_url, REDIS_TIMEOUT).await {
+            Ok(conn) => break conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "Redis is not reachable yet; retrying every second");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
     let sms: Arc<dyn SmsSender> = match &config.sms {
         SmsProvider::Log => {
             tracing::warn!(

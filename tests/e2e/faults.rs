@@ -253,3 +253,18 @@ async fn sigterm_under_load_completes_in_flight_calls_and_exits_0() {
         .expect("the server stopped cleanly");
     assert!(not_serving < stopped);
 }
+
+#[tokio::test]
+async fn auth_service_started_before_redis_waits_for_it() {
+    let mut stack = Stack::start().await;
+    stack.redis.stop();
+    // restart() fails the test if the process exits before it reports SERVING.
+    let redis = &mut stack.redis;
+    tokio::join!(stack.auth.restart(), async {
+        // Longer than one connection attempt (3 s with its own retries).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        redis.resume().await;
+    });
+    assert!(stack.auth.logs().contains("Redis is not reachable yet"));
+    stack.sign_in("+79601230070", None).await;
+}

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use e2e_tests::process::run_to_exit;
 use e2e_tests::Stack;
+use e2e_tests::process::run_to_exit;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_reflection::pb::{v1, v1alpha};
 
