@@ -105,3 +105,141 @@ async fn metrics_count_rpcs_by_code_and_domain_events() {
         );
     }
 }
+
+mod collector {
+    //! A minimal OTLP/gRPC trace collector that keeps what it receives.
+
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+    /// (service.name, span name, trace id as hex)
+    pub type Span = (String, String, String);
+
+    #[derive(Clone, Default)]
+    pub struct Collector {
+        pub spans: Arc<Mutex<Vec<Span>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+            for resource_spans in request.into_inner().resource_spans {
+                let service = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                    .map(|value| match value {
+                        Value::StringValue(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                for scope in resource_spans.scope_spans {
+                    for span in scope.spans {
+                        let trace_id: String =
+                            span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+                        spans.push((service.clone(), span.name, trace_id));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Serves the collector on a free loopback port; returns its endpoint URL.
+    pub async fn start(collector: Collector) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("collector binds");
+        let addr = listener.local_addr().expect("bound");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+}
+
+#[tokio::test]
+async fn traces_are_exported_over_otlp_as_one_trace_per_sign_in() {
+    let sink = collector::Collector::default();
+    let endpoint = collector::start(sink.clone()).await;
+    let otel = |service: &str| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+            ("OTEL_SERVICE_NAME", service.to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ]
+    };
+    let stack = Stack::start_with(StackOptions {
+        auth_env: otel("auth-e2e"),
+        referral_env: otel("referral-e2e"),
+    })
+    .await;
+    let phone = "+79601230080";
+    let mut auth = stack.auth_client().await;
+    auth.send_code(SendCodeRequest {
+        phone_number: phone.into(),
+    })
+    .await
+    .expect("SendCode");
+    let code = stack.sms.latest_code(phone).await.expect("code captured");
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(VerifyCodeRequest {
+        phone_number: phone.into(),
+        code,
+        invite_code: None,
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01")
+            .parse()
+            .expect("ascii"),
+    );
+    auth.verify_code(request).await.expect("VerifyCode");
+
+    let mut exported = Vec::new();
+    for _ in 0..50 {
+        exported = sink
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, _, id)| id == trace_id)
+            .cloned()
+            .collect();
+        let services: std::collections::HashSet<_> = exported
+            .iter()
+            .map(|(service, _, _)| service.clone())
+            .collect();
+        if services.contains("auth-e2e") && services.contains("referral-e2e") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        exported
+            .iter()
+            .any(|(s, name, _)| s == "auth-e2e" && name.contains("VerifyCode")),
+        "auth-service's span is missing: {exported:?}"
+    );
+    assert!(
+        exported
+            .iter()
+            .any(|(s, name, _)| s == "referral-e2e" && name.contains("EnsureUser")),
+        "referral-service's span is missing: {exported:?}"
+    );
+}
