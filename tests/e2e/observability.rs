@@ -3,24 +3,15 @@
 use e2e_tests::{Stack, StackOptions};
 use refsys_proto::auth::v1::{RefreshTokensRequest, SendCodeRequest, VerifyCodeRequest};
 
-#[tokio::test]
-async fn one_sign_in_is_one_trace_across_both_services() {
-    let access_log = "info,refsys::rpc=debug".to_owned();
-    let stack = Stack::start_with(StackOptions {
-        auth_env: vec![("RUST_LOG", access_log.clone())],
-        referral_env: vec![("RUST_LOG", access_log)],
-    })
-    .await;
+/// SendCode, then VerifyCode as part of the caller's trace `trace_id` (W3C traceparent).
+async fn sign_in_within_trace(stack: &Stack, phone: &str, trace_id: &str) {
     let mut auth = stack.auth_client().await;
-    let phone = "+79601230040";
     auth.send_code(SendCodeRequest {
         phone_number: phone.into(),
     })
     .await
     .expect("SendCode");
     let code = stack.sms.latest_code(phone).await.expect("code captured");
-
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(VerifyCodeRequest {
         phone_number: phone.into(),
         code,
@@ -33,6 +24,18 @@ async fn one_sign_in_is_one_trace_across_both_services() {
             .expect("ascii"),
     );
     auth.verify_code(request).await.expect("VerifyCode");
+}
+
+#[tokio::test]
+async fn one_sign_in_is_one_trace_across_both_services() {
+    let access_log = "info,refsys::rpc=debug".to_owned();
+    let stack = Stack::start_with(StackOptions {
+        auth_env: vec![("RUST_LOG", access_log.clone())],
+        referral_env: vec![("RUST_LOG", access_log)],
+    })
+    .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    sign_in_within_trace(&stack, "+79601230040", trace_id).await;
 
     // auth-service's VerifyCode span joined the caller's trace, and referral-service's EnsureUser
     // span joined it too: the trace context crossed the auth → referral call.
@@ -189,27 +192,8 @@ async fn traces_are_exported_over_otlp_as_one_trace_per_sign_in() {
         referral_env: otel("referral-e2e"),
     })
     .await;
-    let phone = "+79601230080";
-    let mut auth = stack.auth_client().await;
-    auth.send_code(SendCodeRequest {
-        phone_number: phone.into(),
-    })
-    .await
-    .expect("SendCode");
-    let code = stack.sms.latest_code(phone).await.expect("code captured");
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
-    let mut request = tonic::Request::new(VerifyCodeRequest {
-        phone_number: phone.into(),
-        code,
-        invite_code: None,
-    });
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-b7ad6b7169203331-01")
-            .parse()
-            .expect("ascii"),
-    );
-    auth.verify_code(request).await.expect("VerifyCode");
+    sign_in_within_trace(&stack, "+79601230080", trace_id).await;
 
     let mut exported = Vec::new();
     for _ in 0..50 {
