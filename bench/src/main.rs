@@ -3,7 +3,8 @@
 //! for a fixed time, and prints requests/s, latency percentiles, errors by gRPC code and the
 //! services' peak RSS. `--write docs/BENCHMARKS.md` also writes the report there.
 //!
-//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale] [--write FILE]
+//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale]
+//!                [--service-env KEY=VALUE ...] [--write FILE]
 
 mod capture;
 mod scenarios;
@@ -19,6 +20,8 @@ pub struct Options {
     pub concurrency: usize,
     pub scenarios: Vec<String>,
     pub write: Option<String>,
+    /// Extra settings for both services (`--service-env KEY=VALUE`, repeatable), for tuning runs.
+    pub service_env: Vec<(String, String)>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -29,6 +32,7 @@ fn parse_args() -> Result<Options, String> {
             .map(String::from)
             .to_vec(),
         write: None,
+        service_env: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -44,6 +48,13 @@ fn parse_args() -> Result<Options, String> {
             }
             "--scenarios" => options.scenarios = value()?.split(',').map(str::to_owned).collect(),
             "--write" => options.write = Some(value()?),
+            "--service-env" => {
+                let pair = value()?;
+                let (key, val) = pair
+                    .split_once('=')
+                    .ok_or(format!("--service-env wants KEY=VALUE, got {pair}"))?;
+                options.service_env.push((key.to_owned(), val.to_owned()));
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -89,17 +100,29 @@ async fn main() {
     // Every flow uses a fresh phone, so only the per-client cap (all load comes from one
     // address) needs lifting, to its maximum.
     let started = Instant::now();
+    // The process lives for one run, so leaking the few keys given on the command line is fine.
+    let extra: Vec<(&'static str, String)> = options
+        .service_env
+        .iter()
+        .map(|(k, v)| (&*Box::leak(k.clone().into_boxed_str()), v.clone()))
+        .collect();
     let stack = Stack::start_with(StackOptions {
-        auth_env: vec![
+        auth_env: [
             ("TWILIO_API_BASE", capture_url),
             ("RUST_LOG", "warn".into()),
             ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "1000000".into()),
             ("OTP_RESEND_COOLDOWN_SECONDS", "1".into()),
-        ],
-        referral_env: vec![
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect(),
+        referral_env: [
             ("RUST_LOG", "warn".into()),
             ("DATABASE_MAX_CONNECTIONS", "16".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect(),
     })
     .await;
     let stack_start = started.elapsed();
