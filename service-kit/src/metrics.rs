@@ -80,7 +80,7 @@ pub fn rpc() -> &'static RpcMetrics {
         .unwrap_or_else(|err| panic!("invalid histogram: {err}"));
         let in_flight = IntGaugeVec::new(
             Opts::new("grpc_server_in_flight", "gRPC calls being handled now."),
-            &["grpc_service", "grpc_method"],
+            &["grpc_service"],
         )
         .unwrap_or_else(|err| panic!("invalid gauge: {err}"));
         for collector in [

@@ -1,6 +1,7 @@
 //! A tower layer around every gRPC call: one tracing span (child of the caller's W3C
 //! `traceparent`, so one sign-in is one trace across services) and the per-RPC metrics.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -9,30 +10,48 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcObserverLayer;
+/// Observes every call. Metric labels name only the services this server has, so a scanner
+/// probing made-up paths cannot grow the label sets without bound.
+#[derive(Debug, Clone)]
+pub struct RpcObserverLayer {
+    known_services: Arc<[&'static str]>,
+}
+
+impl RpcObserverLayer {
+    pub fn new(known_services: &[&'static str]) -> Self {
+        Self {
+            known_services: known_services.into(),
+        }
+    }
+}
 
 impl<S> Layer<S> for RpcObserverLayer {
     type Service = RpcObserver<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcObserver { inner }
+        RpcObserver {
+            inner,
+            known_services: self.known_services.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RpcObserver<S> {
     inner: S,
+    known_services: Arc<[&'static str]>,
 }
 
-/// `/pkg.Service/Method` → (`pkg.Service`, `Method`). Unknown shapes keep the whole path, but
-/// bounded so a scanner cannot blow up label cardinality.
-fn split_path(path: &str) -> (String, String) {
+const UNKNOWN: &str = "unknown";
+
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`); a service this server does not have is
+/// "unknown" (and so is its method).
+fn split_path(path: &str, known_services: &[&'static str]) -> (String, String) {
     match path.trim_start_matches('/').split_once('/') {
-        Some((service, method)) if service.len() <= 128 && method.len() <= 128 => {
+        Some((service, method)) if known_services.contains(&service) => {
             (service.to_owned(), method.to_owned())
         }
-        _ => ("unknown".to_owned(), "unknown".to_owned()),
+        _ => (UNKNOWN.to_owned(), UNKNOWN.to_owned()),
     }
 }
 
@@ -93,7 +112,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
+        let (service, method) = split_path(request.uri().path(), &self.known_services);
         let span = tracing::info_span!(
             "grpc",
             otel.name = format!("{service}/{method}"),
@@ -110,7 +129,7 @@ where
         }
 
         let metrics = crate::metrics::rpc();
-        let in_flight = metrics.in_flight.with_label_values(&[&service, &method]);
+        let in_flight = metrics.in_flight.with_label_values(&[&service]);
         in_flight.inc();
         let started = Instant::now();
 
@@ -130,6 +149,12 @@ where
                     Err(_) => tonic::Code::Unknown,
                 };
                 tracing::Span::current().record("rpc.grpc.status_code", code as i32);
+                // A made-up method of a real service must not become a label either.
+                let method = if code == tonic::Code::Unimplemented {
+                    UNKNOWN.to_owned()
+                } else {
+                    method
+                };
                 let elapsed = started.elapsed();
                 // An access log, off unless asked for (RUST_LOG=refsys::rpc=debug): at full load
                 // one line per call costs more than the call.
@@ -159,13 +184,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_split_into_service_and_method() {
+    fn paths_split_into_service_and_method_of_known_services_only() {
+        let known = ["refsys.auth.v1.AuthService"];
         assert_eq!(
-            split_path("/refsys.auth.v1.AuthService/SendCode"),
+            split_path("/refsys.auth.v1.AuthService/SendCode", &known),
             ("refsys.auth.v1.AuthService".into(), "SendCode".into())
         );
         assert_eq!(
-            split_path("/nonsense"),
+            split_path("/nonsense", &known),
+            ("unknown".into(), "unknown".into())
+        );
+        assert_eq!(
+            split_path("/made.up.Service/Probe", &known),
             ("unknown".into(), "unknown".into())
         );
     }

@@ -78,7 +78,20 @@ async fn metrics_count_rpcs_by_code_and_domain_events() {
         .await
         .expect_err("refused");
 
+    // Made-up paths are answered UNIMPLEMENTED and leave no labels of their own behind.
+    for path in [
+        "/made.up.Service/Probe",
+        "/refsys.auth.v1.AuthService/Probe",
+    ] {
+        let status =
+            e2e_tests::raw::call(Stack::channel(&stack.auth).await, path, Vec::new(), None)
+                .await
+                .expect_err("no such method");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+    }
+
     let auth_metrics = Stack::metrics(stack.auth_metrics).await;
+    assert!(!auth_metrics.contains("made.up") && !auth_metrics.contains("Probe"));
     for expected in [
         r#"grpc_server_handled_total{grpc_code="OK",grpc_method="SendCode",grpc_service="refsys.auth.v1.AuthService"} 1"#,
         r#"grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="SendCode",grpc_service="refsys.auth.v1.AuthService"} 1"#,
