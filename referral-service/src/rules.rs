@@ -44,6 +44,11 @@ pub fn page_size(requested: i32) -> Result<i64, ReferralError> {
     }
 }
 
+/// The error for a page token that this list did not hand out.
+pub fn foreign_page_token() -> ReferralError {
+    ReferralError::invalid("page_token", "not a page token from this list")
+}
+
 /// A position in a keyset-paginated list, opaque to callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
@@ -70,7 +75,7 @@ impl Cursor {
         if token.is_empty() {
             return Ok(None);
         }
-        let invalid = || ReferralError::invalid("page_token", "not a page token from this list");
+        let invalid = foreign_page_token;
         let plain = URL_SAFE_NO_PAD
             .decode(token.trim())
             .ok()

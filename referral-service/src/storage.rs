@@ -470,12 +470,7 @@ impl Repository {
         let (after_time, after_id) = match after {
             None => (DateTime::<Utc>::UNIX_EPOCH, Uuid::nil()),
             Some(Cursor::TimeAndUser(at, id)) => (*at, id.0),
-            Some(_) => {
-                return Err(ReferralError::invalid(
-                    "page_token",
-                    "not a page token from this list",
-                ));
-            }
+            Some(_) => return Err(rules::foreign_page_token()),
         };
         let rows = sqlx::query_as!(
             InviteeRecord,
@@ -506,12 +501,7 @@ impl Repository {
         let below = match after {
             None => i64::MAX,
             Some(Cursor::Entry(id)) => *id,
-            Some(_) => {
-                return Err(ReferralError::invalid(
-                    "page_token",
-                    "not a page token from this list",
-                ));
-            }
+            Some(_) => return Err(rules::foreign_page_token()),
         };
         let rows = sqlx::query_as!(
             LedgerEntry,
@@ -539,12 +529,7 @@ impl Repository {
         let after_id = match after {
             None => Uuid::nil(),
             Some(Cursor::User(id)) => id.0,
-            Some(_) => {
-                return Err(ReferralError::invalid(
-                    "page_token",
-                    "not a page token from this list",
-                ));
-            }
+            Some(_) => return Err(rules::foreign_page_token()),
         };
         // The prefix is digits and '+' only (PhonePrefix), so it holds no LIKE wildcards.
         let pattern = format!("{}%", prefix.map_or("", PhonePrefix::as_str));
