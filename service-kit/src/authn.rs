@@ -358,6 +358,115 @@ mod tests {
         );
     }
 
+    mod remote {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use refsys_proto::auth::v1 as pb;
+        use refsys_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
+        use tonic::{Request, Response, Status};
+
+        use super::*;
+
+        /// An auth-service that only publishes keys, and counts how often it is asked.
+        struct KeysOnly {
+            jwk: Jwk,
+            fetches: Arc<AtomicUsize>,
+        }
+
+        #[tonic::async_trait]
+        impl AuthService for KeysOnly {
+            async fn send_code(
+                &self,
+                _: Request<pb::SendCodeRequest>,
+            ) -> Result<Response<pb::SendCodeResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn verify_code(
+                &self,
+                _: Request<pb::VerifyCodeRequest>,
+            ) -> Result<Response<pb::VerifyCodeResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn refresh_tokens(
+                &self,
+                _: Request<pb::RefreshTokensRequest>,
+            ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn revoke_token(
+                &self,
+                _: Request<pb::RevokeTokenRequest>,
+            ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn introspect_token(
+                &self,
+                _: Request<pb::IntrospectTokenRequest>,
+            ) -> Result<Response<pb::IntrospectTokenResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn get_jwks(
+                &self,
+                _: Request<pb::GetJwksRequest>,
+            ) -> Result<Response<pb::GetJwksResponse>, Status> {
+                self.fetches.fetch_add(1, Ordering::SeqCst);
+                let jwk = &self.jwk;
+                Ok(Response::new(pb::GetJwksResponse {
+                    keys: vec![pb::Jwk {
+                        kty: jwk.kty.clone(),
+                        crv: jwk.crv.clone(),
+                        x: jwk.x.clone(),
+                        kid: jwk.kid.clone(),
+                        alg: jwk.alg.clone(),
+                        r#use: jwk.use_.clone(),
+                    }],
+                    jwks_json: Jwk::set_json(std::slice::from_ref(jwk)),
+                }))
+            }
+        }
+
+        #[tokio::test]
+        async fn unknown_kids_refetch_the_keys_at_most_once_per_interval() {
+            let key = SigningKey::generate();
+            let fetches = Arc::new(AtomicUsize::new(0));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(AuthServiceServer::new(KeysOnly {
+                        jwk: key.public_jwk().clone(),
+                        fetches: fetches.clone(),
+                    }))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let verifier = Arc::new(Verifier::new("iss", &["refsys"], KeySet::default()));
+            let remote = RemoteJwks::new(&url, verifier.clone(), Duration::from_secs(60)).unwrap();
+            let authenticator = Authenticator::new(verifier, "refsys", "svc", Some(remote));
+
+            // The first token's kid is unknown (no keys yet): one fetch, then it verifies.
+            let token = key.sign(&claims("refsys", &[], None)).unwrap();
+            assert!(
+                authenticator
+                    .authenticate(&headers(&token), Requirement::User)
+                    .await
+                    .is_ok()
+            );
+            assert_eq!(fetches.load(Ordering::SeqCst), 1);
+
+            // Forged kids do not make it hammer auth-service: no refetch within the interval.
+            let stranger = SigningKey::generate();
+            for _ in 0..20 {
+                let forged = stranger.sign(&claims("refsys", &[], None)).unwrap();
+                let status = authenticator
+                    .authenticate(&headers(&forged), Requirement::User)
+                    .await
+                    .unwrap_err();
+                assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            }
+            assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        }
+    }
+
     #[test]
     fn missing_or_malformed_authorization_is_unauthenticated() {
         assert_eq!(
