@@ -123,6 +123,7 @@ async fn main() {
         .into_iter()
         .chain(extra.iter().cloned())
         .collect(),
+        ..StackOptions::default()
     })
     .await;
     let stack_start = started.elapsed();

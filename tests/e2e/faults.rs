@@ -268,3 +268,54 @@ async fn auth_service_started_before_redis_waits_for_it() {
     assert!(stack.auth.logs().contains("Redis is not reachable yet"));
     stack.sign_in("+79601230070", None).await;
 }
+
+#[tokio::test]
+async fn postgres_out_of_reach_answers_unavailable_fast_and_readiness_follows() {
+    let stack = Stack::start_with(StackOptions {
+        proxy_postgres: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let user = stack.sign_in("+79601230090", None).await;
+    let mut referral = stack.referral_client().await;
+    let proxy = stack.postgres_proxy.as_ref().expect("proxied");
+
+    proxy.cut().await;
+    // Within the 5 s deadline: the pool's 3 s acquire timeout answers, it does not hang.
+    let mut request = bearer(GetProfileRequest {}, &user.access_token);
+    request.set_timeout(Duration::from_secs(5));
+    let status = referral
+        .get_profile(request)
+        .await
+        .expect_err("no profile without Postgres");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let process = &stack.referral;
+    eventually("readiness reports NOT_SERVING", 40, || async {
+        process.health("refsys.referral.v1.ReferralService").await
+            == Some(ServingStatus::NotServing)
+    })
+    .await;
+    assert_eq!(
+        process.health("").await,
+        Some(ServingStatus::Serving),
+        "liveness stays up"
+    );
+
+    proxy.restore();
+    let client = referral.clone();
+    let token = user.access_token.clone();
+    eventually("GetProfile works again", 40, || {
+        let (mut client, token) = (client.clone(), token.clone());
+        async move {
+            client
+                .get_profile(bearer(GetProfileRequest {}, &token))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    eventually("readiness reports SERVING", 40, || async {
+        process.health("refsys.referral.v1.ReferralService").await == Some(ServingStatus::Serving)
+    })
+    .await;
+}

@@ -32,6 +32,7 @@ async fn one_sign_in_is_one_trace_across_both_services() {
     let stack = Stack::start_with(StackOptions {
         auth_env: vec![("RUST_LOG", access_log.clone())],
         referral_env: vec![("RUST_LOG", access_log)],
+        ..StackOptions::default()
     })
     .await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -203,6 +204,7 @@ async fn traces_are_exported_over_otlp_as_one_trace_per_sign_in() {
     let stack = Stack::start_with(StackOptions {
         auth_env: otel("auth-e2e"),
         referral_env: otel("referral-e2e"),
+        ..StackOptions::default()
     })
     .await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";

@@ -3,6 +3,7 @@
 //! can be stopped and restarted, and a local Twilio-compatible endpoint that captures the codes.
 
 pub mod process;
+pub mod proxy;
 pub mod raw;
 pub mod sms;
 pub mod stack;

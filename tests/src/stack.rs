@@ -10,6 +10,7 @@ use refsys_proto::referral::v1::admin_service_client::AdminServiceClient;
 use refsys_proto::referral::v1::referral_service_client::ReferralServiceClient;
 use tonic::transport::Channel;
 
+use crate::proxy::TcpProxy;
 use crate::{PrivateRedis, ServiceProcess, SmsCapture, TestDatabase, free_port};
 
 /// Settings on top of the defaults the stack uses.
@@ -17,6 +18,8 @@ use crate::{PrivateRedis, ServiceProcess, SmsCapture, TestDatabase, free_port};
 pub struct StackOptions {
     pub auth_env: Vec<(&'static str, String)>,
     pub referral_env: Vec<(&'static str, String)>,
+    /// Route referral-service's Postgres connections through a [`TcpProxy`] the test can cut.
+    pub proxy_postgres: bool,
 }
 
 pub struct Stack {
@@ -27,6 +30,7 @@ pub struct Stack {
     pub referral: ServiceProcess,
     pub auth_metrics: SocketAddr,
     pub referral_metrics: SocketAddr,
+    pub postgres_proxy: Option<TcpProxy>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -71,10 +75,19 @@ impl Stack {
                 .map(|(k, v)| ((*k).to_owned(), v.clone())),
         );
 
+        let postgres_proxy = if options.proxy_postgres {
+            Some(TcpProxy::start("127.0.0.1:5432").await)
+        } else {
+            None
+        };
+        let database_url = match &postgres_proxy {
+            Some(proxy) => database.url.replace(":5432/", &format!(":{}/", proxy.port)),
+            None => database.url.clone(),
+        };
         let mut referral_env = common(referral_metrics);
         referral_env.extend([
             ("REFERRAL_GRPC_ADDR".to_owned(), referral_addr.to_string()),
-            ("DATABASE_URL".to_owned(), database.url.clone()),
+            ("DATABASE_URL".to_owned(), database_url),
             ("AUTH_GRPC_URL".to_owned(), format!("http://{auth_addr}")),
         ]);
         referral_env.extend(
@@ -96,6 +109,7 @@ impl Stack {
             referral,
             auth_metrics,
             referral_metrics,
+            postgres_proxy,
         }
     }
 
