@@ -329,17 +329,7 @@ impl AuthService for AuthHandler {
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
         let jwks = self.issuer.jwks();
         Ok(Response::new(pb::GetJwksResponse {
-            keys: jwks
-                .iter()
-                .map(|jwk| pb::Jwk {
-                    kty: jwk.kty.clone(),
-                    crv: jwk.crv.clone(),
-                    x: jwk.x.clone(),
-                    kid: jwk.kid.clone(),
-                    alg: jwk.alg.clone(),
-                    r#use: jwk.use_.clone(),
-                })
-                .collect(),
+            keys: jwks.iter().map(pb::Jwk::from).collect(),
             jwks_json: service_kit::tokens::Jwk::set_json(jwks),
         }))
     }

@@ -230,18 +230,7 @@ impl RemoteJwks {
             .get_jwks(GetJwksRequest {})
             .await?
             .into_inner();
-        let jwks: Vec<Jwk> = response
-            .keys
-            .into_iter()
-            .map(|key| Jwk {
-                kty: key.kty,
-                crv: key.crv,
-                x: key.x,
-                kid: key.kid,
-                alg: key.alg,
-                use_: key.r#use,
-            })
-            .collect();
+        let jwks: Vec<Jwk> = response.keys.into_iter().map(Jwk::from).collect();
         let keys = KeySet::from_jwks(&jwks);
         if keys.is_empty() {
             return Err(Status::unavailable("auth-service published no usable keys"));
@@ -412,14 +401,7 @@ mod tests {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
                 let jwk = &self.jwk;
                 Ok(Response::new(pb::GetJwksResponse {
-                    keys: vec![pb::Jwk {
-                        kty: jwk.kty.clone(),
-                        crv: jwk.crv.clone(),
-                        x: jwk.x.clone(),
-                        kid: jwk.kid.clone(),
-                        alg: jwk.alg.clone(),
-                        r#use: jwk.use_.clone(),
-                    }],
+                    keys: vec![pb::Jwk::from(jwk)],
                     jwks_json: Jwk::set_json(std::slice::from_ref(jwk)),
                 }))
             }

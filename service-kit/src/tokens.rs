@@ -121,6 +121,33 @@ impl Jwk {
     }
 }
 
+/// The wire form published by `AuthService.GetJwks`.
+impl From<&Jwk> for refsys_proto::auth::v1::Jwk {
+    fn from(jwk: &Jwk) -> Self {
+        Self {
+            kty: jwk.kty.clone(),
+            crv: jwk.crv.clone(),
+            x: jwk.x.clone(),
+            kid: jwk.kid.clone(),
+            alg: jwk.alg.clone(),
+            r#use: jwk.use_.clone(),
+        }
+    }
+}
+
+impl From<refsys_proto::auth::v1::Jwk> for Jwk {
+    fn from(key: refsys_proto::auth::v1::Jwk) -> Self {
+        Self {
+            kty: key.kty,
+            crv: key.crv,
+            x: key.x,
+            kid: key.kid,
+            alg: key.alg,
+            use_: key.r#use,
+        }
+    }
+}
+
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, KeyError> {
     let body: String = pem
         .lines()
