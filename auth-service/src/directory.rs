@@ -87,6 +87,13 @@ impl Directory {
                 | Code::Aborted => {
                     AuthError::unavailable(Dependency::ReferralService, status.message())
                 }
+                // Both services share one phone validator, so this should not happen; if it does
+                // (a rollout with two validator versions), it is the caller's number that was
+                // refused, and the caller must hear so, not INTERNAL.
+                Code::InvalidArgument => AuthError::invalid(
+                    "phone_number",
+                    "this phone number cannot be used to sign in",
+                ),
                 _ => AuthError::internal(format!(
                     "EnsureUser refused: {:?} {}",
                     status.code(),

@@ -10,7 +10,8 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod otp;
-pub mod phone;
+/// Phone numbers: the one E.164 validator both services share.
+pub use service_kit::phone;
 pub mod sms;
 pub mod store;
 pub mod tokens;

@@ -42,36 +42,13 @@ impl InviteCode {
     }
 }
 
-/// A phone number in E.164, as auth-service normalised it.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PhoneNumber(String);
+/// A phone number in E.164: the validator auth-service uses too, so a number it accepts is
+/// never refused here.
+pub use service_kit::phone::PhoneNumber;
 
-impl PhoneNumber {
-    pub fn parse(input: &str) -> Result<Self, ReferralError> {
-        let digits = input.strip_prefix('+').unwrap_or("");
-        let valid = (8..=15).contains(&digits.len())
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && !digits.starts_with('0');
-        if valid {
-            Ok(Self(input.to_owned()))
-        } else {
-            Err(ReferralError::invalid(
-                "phone_number",
-                "expected E.164: '+' and 8 to 15 digits",
-            ))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Logs show a masked number only.
-impl std::fmt::Debug for PhoneNumber {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keep = self.0.len().saturating_sub(4);
-        write!(f, "{}***{}", &self.0[..5.min(keep)], &self.0[keep..])
+impl From<service_kit::phone::PhoneError> for ReferralError {
+    fn from(err: service_kit::phone::PhoneError) -> Self {
+        ReferralError::invalid("phone_number", err.to_string())
     }
 }
 
@@ -216,9 +193,11 @@ mod tests {
     }
 
     #[test]
-    fn phone_numbers_must_be_e164_and_log_masked() {
-        let phone = PhoneNumber::parse("+79601233017").unwrap();
-        assert_eq!(format!("{phone:?}"), "+7960***3017");
+    fn phone_numbers_are_validated_as_auth_service_does_and_log_masked() {
+        let phone = PhoneNumber::parse("+79601233017", None).unwrap();
+        assert_eq!(format!("{phone:?}"), "PhoneNumber(+7960***3017)");
+        // Seven digits, but a valid Tokelau mobile that auth-service texts codes to.
+        assert!(PhoneNumber::parse("+6907290", None).is_ok());
         for bad in [
             "79601233017",
             "+7960",
@@ -226,7 +205,12 @@ mod tests {
             "+7 960",
             "+07960123301",
         ] {
-            assert!(PhoneNumber::parse(bad).is_err(), "{bad:?} accepted");
+            let err = ReferralError::from(PhoneNumber::parse(bad, None).unwrap_err());
+            assert_eq!(
+                tonic::Status::from(err).code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
         }
     }
 

@@ -52,7 +52,7 @@ async fn migrate(config: &Config) -> Result<(), String> {
 }
 
 async fn grant_admin(config: &Config, phone: &str) -> Result<(), String> {
-    let phone = PhoneNumber::parse(phone).map_err(|err| err.to_string())?;
+    let phone = PhoneNumber::parse(phone, None).map_err(|err| err.to_string())?;
     let repository = referral_service::repository(config)
         .await
         .map_err(|err| err.to_string())?;

@@ -199,7 +199,7 @@ impl Repository {
                  ON CONFLICT (phone_number) DO NOTHING
                  RETURNING id",
                 id,
-                phone.as_str(),
+                phone.e164(),
                 code.as_str()
             )
             .fetch_optional(&self.pool)
@@ -209,7 +209,7 @@ impl Repository {
                 Ok(None) => {
                     let id = sqlx::query_scalar!(
                         "SELECT id FROM users WHERE phone_number = $1",
-                        phone.as_str()
+                        phone.e164()
                     )
                     .fetch_one(&self.pool)
                     .await?;
@@ -566,7 +566,7 @@ impl Repository {
                    updated_at = now()
                WHERE phone_number = $1
                RETURNING id"#,
-            phone.as_str()
+            phone.e164()
         )
         .fetch_optional(&self.pool)
         .await?;

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::referral::ACTIVATIONS;
 use crate::domain::{PhoneNumber, UserId};
+use crate::error::ReferralError;
 use crate::storage::{InviteOutcome, Repository};
 
 pub struct DirectoryHandler {
@@ -26,7 +27,7 @@ impl UserDirectory for DirectoryHandler {
         request: Request<pb::EnsureUserRequest>,
     ) -> Result<Response<pb::EnsureUserResponse>, Status> {
         let message = request.into_inner();
-        let phone = PhoneNumber::parse(&message.phone_number)?;
+        let phone = PhoneNumber::parse(&message.phone_number, None).map_err(ReferralError::from)?;
         let (user, created) = self.repository.ensure_user(&phone).await?;
         let outcome = self
             .repository

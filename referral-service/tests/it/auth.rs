@@ -222,7 +222,7 @@ async fn user_directory_needs_a_service_token_with_the_scope(pool: PgPool) {
     let server = start(&pool).await;
     let mut client = UserDirectoryClient::new(server.channel.clone());
     let request = || pb::EnsureUserRequest {
-        phone_number: phone(42).as_str().to_owned(),
+        phone_number: phone(42).e164().to_owned(),
         invite_code: None,
     };
 

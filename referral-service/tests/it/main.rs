@@ -22,7 +22,7 @@ pub fn repository(pool: &PgPool) -> Arc<Repository> {
 }
 
 pub fn phone(n: u32) -> PhoneNumber {
-    PhoneNumber::parse(&format!("+7960{n:07}")).expect("valid test phone")
+    PhoneNumber::parse(&format!("+7960{n:07}"), None).expect("valid test phone")
 }
 
 /// Creates users 0..count in order (so earlier ones joined first).

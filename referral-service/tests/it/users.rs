@@ -70,7 +70,7 @@ async fn admin_list_filters_by_prefix_and_pages(pool: PgPool) {
     let repository = repository(&pool);
     users(&repository, 7).await;
     repository
-        .ensure_user(&referral_service::domain::PhoneNumber::parse("+447911123456").unwrap())
+        .ensure_user(&referral_service::domain::PhoneNumber::parse("+447911123456", None).unwrap())
         .await
         .unwrap();
     let prefix = PhonePrefix::parse("+7960").unwrap();

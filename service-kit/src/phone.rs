@@ -1,18 +1,28 @@
 //! Phone numbers: parsed and normalised to E.164 with the `phonenumber` crate (a libphonenumber
 //! port), so the same person written two ways is one key. Never printed in full: `Display` and
 //! `Debug` show the masked form (`+7960***3017`); only [`PhoneNumber::e164`] gives the number.
+//!
+//! This is the one validator of both services: auth-service parses what a person typed, and
+//! referral-service parses what auth-service sends it with the same rules, so a number one
+//! service accepts is never refused by the other.
 
 use std::fmt;
 
+pub use phonenumber::Type as NumberType;
 pub use phonenumber::country::Id as Region;
 use phonenumber::{Mode, ParseError};
 
 /// Longest input accepted before parsing (formatting characters included).
 const MAX_INPUT_LEN: usize = 40;
 
-/// A valid phone number in E.164 form (`+79601233017`).
+/// A valid phone number in E.164 form (`+79601233017`), with the region and the kind of line
+/// libphonenumber assigns it (both derive from the number, so equality is the number's).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PhoneNumber(String);
+pub struct PhoneNumber {
+    e164: String,
+    region: Option<Region>,
+    kind: NumberType,
+}
 
 /// Why a phone number was refused. The message is safe to show to the caller (it never repeats
 /// the number).
@@ -72,21 +82,86 @@ impl PhoneNumber {
         if !e164.starts_with('+') || e164.len() > 16 || e164.len() < 4 {
             return Err(PhoneError::Invalid);
         }
-        Ok(Self(e164))
+        Ok(Self {
+            e164,
+            region: parsed.country().id(),
+            kind: parsed.number_type(&phonenumber::metadata::DATABASE),
+        })
     }
 
     /// The full E.164 number. For storage keys and outbound SMS only; never log it.
     pub fn e164(&self) -> &str {
-        &self.0
+        &self.e164
+    }
+
+    /// The ISO 3166 region the number belongs to; `None` for non-geographic numbers
+    /// (`+800`, `+882` …).
+    pub fn region(&self) -> Option<Region> {
+        self.region
+    }
+
+    /// The region as its two-letter code, or `001` (libphonenumber's name for the
+    /// non-geographic entities). Safe for logs, metric labels and keys: there are a few hundred.
+    pub fn region_code(&self) -> &str {
+        self.region.as_ref().map_or("001", AsRef::as_ref)
+    }
+
+    /// The kind of line: mobile, fixed line, premium rate …
+    pub fn number_type(&self) -> NumberType {
+        self.kind
+    }
+
+    /// The block of consecutive numbers this one belongs to: the E.164 form without its last
+    /// four digits (`+7960123`). SMS-pumping rings work through such blocks.
+    pub fn block(&self) -> &str {
+        let keep = self.e164.len().saturating_sub(4).max(2);
+        &self.e164[..keep]
     }
 
     /// A loggable form that hides the middle digits: `+7960***3017`.
     pub fn masked(&self) -> String {
-        let s = &self.0; // ASCII only: '+' and digits
+        let s = &self.e164; // ASCII only: '+' and digits
         let (head, tail) = if s.len() >= 11 { (5, 4) } else { (3, 2) };
         format!("{}***{}", &s[..head], &s[s.len() - tail..])
     }
 }
+
+/// The snake-case name of a number type, as `SMS_ALLOWED_NUMBER_TYPES` spells it.
+pub fn number_type_name(kind: NumberType) -> &'static str {
+    NUMBER_TYPES
+        .iter()
+        .find(|(_, known)| *known == kind)
+        .map_or("unknown", |(name, _)| name)
+}
+
+/// Parses a snake-case number type name (`mobile`, `fixed_line_or_mobile`, `premium_rate` …).
+pub fn parse_number_type(name: &str) -> Option<NumberType> {
+    NUMBER_TYPES
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, kind)| *kind)
+}
+
+/// Every libphonenumber number type and its snake-case name.
+pub const NUMBER_TYPES: &[(&str, NumberType)] = &[
+    ("fixed_line", NumberType::FixedLine),
+    ("mobile", NumberType::Mobile),
+    ("fixed_line_or_mobile", NumberType::FixedLineOrMobile),
+    ("toll_free", NumberType::TollFree),
+    ("premium_rate", NumberType::PremiumRate),
+    ("shared_cost", NumberType::SharedCost),
+    ("personal_number", NumberType::PersonalNumber),
+    ("voip", NumberType::Voip),
+    ("pager", NumberType::Pager),
+    ("uan", NumberType::Uan),
+    ("emergency", NumberType::Emergency),
+    ("voicemail", NumberType::Voicemail),
+    ("short_code", NumberType::ShortCode),
+    ("standard_rate", NumberType::StandardRate),
+    ("carrier", NumberType::Carrier),
+    ("no_international", NumberType::NoInternational),
+    ("unknown", NumberType::Unknown),
+];
 
 impl fmt::Display for PhoneNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -175,6 +250,40 @@ mod tests {
         let debug = format!("{phone:?}");
         assert!(!debug.contains("79601233017"), "{debug}");
         assert!(debug.contains("+7960***3017"));
+    }
+
+    #[test]
+    fn region_type_and_block_come_from_the_number() {
+        let ru = PhoneNumber::parse("+79601233017", None).unwrap();
+        assert_eq!(ru.region(), Some(Region::RU));
+        assert_eq!(ru.region_code(), "RU");
+        assert_eq!(ru.number_type(), NumberType::Mobile);
+        assert_eq!(ru.block(), "+7960123");
+        let us = PhoneNumber::parse("+1 650-253-0000", None).unwrap();
+        assert_eq!(us.region_code(), "US");
+        assert_eq!(us.number_type(), NumberType::FixedLineOrMobile);
+        // A valid Tokelau mobile: seven digits in all, which a digit-count rule would refuse.
+        let tokelau = PhoneNumber::parse("+690 7290", None).unwrap();
+        assert_eq!(tokelau.e164(), "+6907290");
+        assert_eq!(tokelau.region_code(), "TK");
+        assert_eq!(tokelau.number_type(), NumberType::Mobile);
+        assert_eq!(tokelau.block(), "+690");
+        // Premium rate in the UK (09xx).
+        let premium = PhoneNumber::parse("+44 909 879 0000", None).unwrap();
+        assert_eq!(premium.number_type(), NumberType::PremiumRate);
+        // International freephone is valid but belongs to no region.
+        let freephone = PhoneNumber::parse("+800 1234 5678", None).unwrap();
+        assert_eq!(freephone.region(), None);
+        assert_eq!(freephone.region_code(), "001");
+    }
+
+    #[test]
+    fn number_type_names_round_trip() {
+        for (name, kind) in NUMBER_TYPES {
+            assert_eq!(parse_number_type(name), Some(*kind));
+            assert_eq!(number_type_name(*kind), *name);
+        }
+        assert_eq!(parse_number_type("Mobile"), None);
     }
 
     #[test]
