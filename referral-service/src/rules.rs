@@ -49,7 +49,23 @@ pub fn foreign_page_token() -> ReferralError {
     ReferralError::invalid("page_token", "not a page token from this list")
 }
 
+/// Longer tokens are refused before decoding, so a huge one costs nothing; the longest the
+/// server hands out (a time-and-user cursor) is under 80 characters.
+const MAX_PAGE_TOKEN_LEN: usize = 256;
+
+/// 9999-12-31T23:59:59.999999Z in microseconds: the latest time a cursor may hold.
+const LATEST_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
+
 /// A position in a keyset-paginated list, opaque to callers.
+///
+/// Tokens are positions, not capabilities, so they are bounded rather than signed: every list
+/// query is already scoped to rows the caller may read (their own invitees and ledger, or every
+/// user for an admin), so a forged token can only move to another place in that same list.
+/// Signing (an HMAC) would add a key to manage and rotate and protect nothing more. What decoding
+/// must guarantee instead is that a token holds only values the server could have handed out —
+/// times from the Unix epoch to the end of year 9999 (well inside Postgres' timestamptz range),
+/// ledger entry ids from 1, any user id — so a crafted one is INVALID_ARGUMENT here rather than a
+/// query Postgres refuses, which would surface as INTERNAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
     /// After this (time, user) pair.
@@ -76,6 +92,9 @@ impl Cursor {
             return Ok(None);
         }
         let invalid = foreign_page_token;
+        if token.len() > MAX_PAGE_TOKEN_LEN {
+            return Err(invalid());
+        }
         let plain = URL_SAFE_NO_PAD
             .decode(token.trim())
             .ok()
@@ -86,12 +105,13 @@ impl Cursor {
                 let at = micros
                     .parse()
                     .ok()
+                    .filter(|micros| (0..=LATEST_CURSOR_MICROS).contains(micros))
                     .and_then(DateTime::from_timestamp_micros)
                     .ok_or_else(invalid)?;
                 Self::TimeAndUser(at, UserId::parse(id, "page_token").map_err(|_| invalid())?)
             }
             ["u", id] => Self::User(UserId::parse(id, "page_token").map_err(|_| invalid())?),
-            ["e", id] => Self::Entry(id.parse().map_err(|_| invalid())?),
+            ["e", id] => Self::Entry(id.parse().ok().filter(|id| *id >= 1).ok_or_else(invalid)?),
             _ => return Err(invalid()),
         };
         Ok(Some(cursor))
@@ -201,6 +221,81 @@ mod tests {
         ] {
             assert!(Cursor::decode(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn cursor_times_stay_between_the_epoch_and_year_9999() {
+        let end_of_9999 = chrono::NaiveDate::from_ymd_opt(9999, 12, 31)
+            .and_then(|day| day.and_hms_micro_opt(23, 59, 59, 999_999))
+            .unwrap()
+            .and_utc();
+        assert_eq!(end_of_9999.timestamp_micros(), LATEST_CURSOR_MICROS);
+        let id = "00000000-0000-0000-0000-00000000002a";
+        let token = |micros: &str| URL_SAFE_NO_PAD.encode(format!("t:{micros}:{id}"));
+        for fine in ["0", "1700000000123456", &LATEST_CURSOR_MICROS.to_string()] {
+            assert!(
+                matches!(
+                    Cursor::decode(&token(fine)),
+                    Ok(Some(Cursor::TimeAndUser(..)))
+                ),
+                "{fine} refused"
+            );
+        }
+        // Year -100000: within chrono's range but not Postgres', so it used to reach the query.
+        let ancient = -3_217_862_419_200_000_000;
+        assert!(DateTime::from_timestamp_micros(ancient).is_some());
+        for bad in [
+            "-1",
+            &ancient.to_string(),
+            "-9223372036854775807",
+            &i64::MIN.to_string(),
+            &(LATEST_CURSOR_MICROS + 1).to_string(),
+            &i64::MAX.to_string(),
+            "9223372036854775808",
+        ] {
+            assert_eq!(
+                Cursor::decode(&token(bad)),
+                Err(foreign_page_token()),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn cursor_entry_ids_are_positive() {
+        let entry = |id: &str| Cursor::decode(&URL_SAFE_NO_PAD.encode(format!("e:{id}")));
+        assert_eq!(entry("1"), Ok(Some(Cursor::Entry(1))));
+        assert_eq!(
+            entry(&i64::MAX.to_string()),
+            Ok(Some(Cursor::Entry(i64::MAX)))
+        );
+        for bad in ["0", "-1", &i64::MIN.to_string(), "9223372036854775808"] {
+            assert_eq!(entry(bad), Err(foreign_page_token()), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn cursor_user_ids_may_be_any_uuid() {
+        for id in [uuid::Uuid::nil(), uuid::Uuid::max(), uuid::Uuid::now_v7()] {
+            let cursor = Cursor::User(UserId(id));
+            assert_eq!(Cursor::decode(&cursor.encode()), Ok(Some(cursor)));
+        }
+    }
+
+    #[test]
+    fn oversized_page_tokens_are_refused_before_decoding() {
+        let id = UserId(uuid::Uuid::from_u128(42));
+        let at = DateTime::from_timestamp_micros(LATEST_CURSOR_MICROS).unwrap();
+        let longest = Cursor::TimeAndUser(at, id).encode();
+        assert!(longest.len() < 80, "{} characters", longest.len());
+        // Valid base64 of a valid cursor, padded with spaces that decoding would trim: only the
+        // length check refuses it.
+        let padded = format!("{longest}{}", " ".repeat(MAX_PAGE_TOKEN_LEN));
+        assert_eq!(Cursor::decode(&padded), Err(foreign_page_token()));
+        assert_eq!(
+            Cursor::decode(&"A".repeat(60 * 1024)),
+            Err(foreign_page_token())
+        );
     }
 
     #[test]

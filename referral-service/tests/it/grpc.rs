@@ -2,10 +2,13 @@
 //! field-level details, field masks. The caller is put in the request the way the service-kit
 //! authentication layer does after verifying a token (token checks themselves are end-to-end).
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost_types::FieldMask;
-use referral_service::grpc::{DirectoryHandler, ReferralHandler};
+use referral_service::grpc::{AdminHandler, DirectoryHandler, ReferralHandler};
 use referral_service::storage::{Repository, UserRecord};
 use refsys_proto::referral::v1 as pb;
+use refsys_proto::referral::v1::admin_service_server::AdminService;
 use refsys_proto::referral::v1::referral_service_server::ReferralService;
 use refsys_proto::referral::v1::user_directory_server::UserDirectory;
 use service_kit::authn::Caller;
@@ -346,6 +349,84 @@ async fn list_invitees_pages_with_opaque_tokens(pool: PgPool) {
             .iter()
             .all(|t| t.amount == 200 && t.reason == i32::from(pb::BonusReason::InviteeJoined))
     );
+}
+
+/// Well-formed tokens holding positions the server never hands out. The first one's time is
+/// one chrono accepts and Postgres does not, so it used to reach the query and come back INTERNAL.
+#[sqlx::test]
+async fn crafted_out_of_range_page_tokens_are_invalid_arguments(pool: PgPool) {
+    let (repository, handler) = setup(&pool);
+    let all = users(&repository, 3).await;
+    handler
+        .activate_invite_code(as_user(
+            &all[1],
+            pb::ActivateInviteCodeRequest {
+                invite_code: all[0].invite_code.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    // Called directly: the admin role is the authentication layer's check (auth.rs).
+    let admin = AdminHandler::new(repository.clone());
+    let id = all[1].id;
+    let crafted = [
+        URL_SAFE_NO_PAD.encode(format!("t:-3217862419200000000:{id}")),
+        URL_SAFE_NO_PAD.encode(format!("t:-9223372036854775807:{id}")),
+        URL_SAFE_NO_PAD.encode(format!("t:253402300800000000:{id}")),
+        URL_SAFE_NO_PAD.encode("e:0"),
+        URL_SAFE_NO_PAD.encode("e:-9223372036854775808"),
+        format!(
+            "{}{}",
+            URL_SAFE_NO_PAD.encode(format!("u:{id}")),
+            " ".repeat(60 * 1024)
+        ),
+    ];
+    for token in crafted {
+        let shown = &token[..token.len().min(60)];
+        let invitees = handler
+            .list_invitees(as_user(
+                &all[0],
+                pb::ListInviteesRequest {
+                    page_size: 10,
+                    page_token: token.clone(),
+                },
+            ))
+            .await;
+        assert_eq!(
+            violated_field(&invitees.expect_err(shown)),
+            "page_token",
+            "ListInvitees {shown}"
+        );
+        let ledger = handler
+            .list_bonus_transactions(as_user(
+                &all[0],
+                pb::ListBonusTransactionsRequest {
+                    page_size: 10,
+                    page_token: token.clone(),
+                },
+            ))
+            .await;
+        assert_eq!(
+            violated_field(&ledger.expect_err(shown)),
+            "page_token",
+            "ListBonusTransactions {shown}"
+        );
+        let users = admin
+            .list_users(as_user(
+                &all[0],
+                pb::ListUsersRequest {
+                    page_size: 10,
+                    page_token: token.clone(),
+                    filter: String::new(),
+                },
+            ))
+            .await;
+        assert_eq!(
+            violated_field(&users.expect_err(shown)),
+            "page_token",
+            "ListUsers {shown}"
+        );
+    }
 }
 
 #[sqlx::test]
