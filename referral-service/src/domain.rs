@@ -52,7 +52,7 @@ impl From<service_kit::phone::PhoneError> for ReferralError {
     }
 }
 
-/// A prefix of E.164 numbers ("+7960"), for the admin filter.
+/// A prefix of E.164 numbers ("+7960"), for the admin filter: '+' and 1 to 15 ASCII digits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PhonePrefix(String);
 
@@ -62,13 +62,17 @@ impl PhonePrefix {
         if input.is_empty() {
             return Ok(None);
         }
-        let digits = input.strip_prefix('+').unwrap_or("");
-        if digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        // Storage makes this a LIKE pattern by appending '%', so anything but '+' and digits could
+        // be a wildcard ('%' alone listed every user); a bare "+" would filter nothing either.
+        let valid = input.strip_prefix('+').is_some_and(|digits| {
+            (1..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+        });
+        if valid {
             Ok(Some(Self(input.to_owned())))
         } else {
             Err(ReferralError::invalid(
                 "filter",
-                "expected a phone number prefix such as \"+7960\"",
+                "expected '+' and 1 to 15 digits, the start of an E.164 number such as \"+7960\"",
             ))
         }
     }
@@ -210,6 +214,44 @@ mod tests {
                 tonic::Status::from(err).code(),
                 tonic::Code::InvalidArgument,
                 "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn phone_prefixes_are_plus_and_digits_only() {
+        assert_eq!(PhonePrefix::parse(""), Ok(None));
+        assert_eq!(PhonePrefix::parse("  "), Ok(None));
+        for (input, prefix) in [
+            ("+7", "+7"),
+            (" +7960 ", "+7960"),
+            ("+796012330171234", "+796012330171234"),
+        ] {
+            assert_eq!(PhonePrefix::parse(input).unwrap().unwrap().as_str(), prefix);
+        }
+        // LIKE wildcards ('%' matched every user), no '+', nothing after it, spaces, 16 digits.
+        for bad in [
+            "%",
+            "_",
+            "+%",
+            "+7_60",
+            "+7960%",
+            "7960",
+            "+",
+            "+ 7",
+            "++7",
+            "+７",
+            "+7960123301712345",
+        ] {
+            assert!(
+                matches!(
+                    PhonePrefix::parse(bad),
+                    Err(ReferralError::InvalidArgument {
+                        field: "filter",
+                        ..
+                    })
+                ),
+                "{bad:?} accepted"
             );
         }
     }

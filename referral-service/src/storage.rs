@@ -531,7 +531,8 @@ impl Repository {
             Some(Cursor::User(id)) => id.0,
             Some(_) => return Err(rules::foreign_page_token()),
         };
-        // The prefix is digits and '+' only (PhonePrefix), so it holds no LIKE wildcards.
+        // PhonePrefix::parse admits only '+' and 1 to 15 ASCII digits, so the prefix holds no LIKE
+        // wildcard ('%', '_') or escape ('\'): the one '%' is the one appended here.
         let pattern = format!("{}%", prefix.map_or("", PhonePrefix::as_str));
         let rows = sqlx::query_as!(
             UserRecord,

@@ -430,6 +430,31 @@ async fn crafted_out_of_range_page_tokens_are_invalid_arguments(pool: PgPool) {
 }
 
 #[sqlx::test]
+async fn list_users_filter_is_a_phone_prefix_not_a_pattern(pool: PgPool) {
+    let (repository, _) = setup(&pool);
+    let all = users(&repository, 2).await;
+    let admin = AdminHandler::new(repository);
+    let list = |filter: &str| {
+        admin.list_users(as_user(
+            &all[0],
+            pb::ListUsersRequest {
+                page_size: 10,
+                page_token: String::new(),
+                filter: filter.into(),
+            },
+        ))
+    };
+    for bad in ["%", "_", "+%", "+7960%", "7960", "+"] {
+        let status = list(bad).await.expect_err(bad);
+        assert_eq!(violated_field(&status), "filter", "{bad:?}");
+    }
+    for (filter, count) in [("", 2), ("+7960", 2), ("+1", 0)] {
+        let users = list(filter).await.unwrap().into_inner().users;
+        assert_eq!(users.len(), count, "{filter:?}");
+    }
+}
+
+#[sqlx::test]
 async fn get_user_is_a_public_view(pool: PgPool) {
     let (repository, handler) = setup(&pool);
     let all = users(&repository, 2).await;
