@@ -19,8 +19,20 @@
 //! | `OTP_MAX_ATTEMPTS` | `5` | wrong tries that burn a code, 1..=20 |
 //! | `OTP_RESEND_COOLDOWN_SECONDS` | `60` | between sends to one phone, 1..=3600 |
 //! | `OTP_MAX_SENDS_PER_PHONE_PER_HOUR` | `5` | 1..=100 |
-//! | `OTP_MAX_SENDS_PER_CLIENT_PER_HOUR` | `30` | per client address, 1..=1000000 |
-//! | `OTP_MAX_FAILED_PER_PHONE_PER_DAY` | `10` | failed verifications before a phone is locked for the rest of its 24 h window, 1..=1000 |
+//! | `OTP_MAX_SENDS_PER_CLIENT_PER_HOUR` | `30` | per client address (IPv6: per /64), 1..=1000000 |
+//! | `OTP_MAX_FAILED_PER_CLIENT_PER_HOUR` | `30` | failed verifications from one client across all phones, 1..=1000000 |
+//! | `OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY` | `10` | failed verifications of one phone from one client, 1..=1000 |
+//! | `OTP_MAX_FAILED_PER_PHONE_PER_DAY` | `100` | failed verifications of one phone from all clients before it is locked for the rest of its 24 h window, 1..=100000 |
+//! | `SMS_ALLOWED_REGIONS` | unset: all | ISO 3166-1 alpha-2 codes, comma-separated |
+//! | `SMS_ALLOWED_NUMBER_TYPES` | `mobile,fixed_line_or_mobile` | libphonenumber types, snake case |
+//! | `SMS_MAX_SENDS_PER_HOUR` | `10000` | SMS to all numbers together, 1..=100000000 |
+//! | `SMS_MAX_SENDS_PER_REGION_PER_HOUR` | `1000` | SMS to one region, 1..=100000000 |
+//! | `SMS_MAX_SENDS_PER_PREFIX_PER_HOUR` | `20` | SMS to one block of 10,000 numbers, 1..=1000000 |
+//! | `SMS_FRAUD_GUARD` | `monitor` | `off`, `monitor` or `enforce` |
+//! | `SMS_FRAUD_MIN_SENDS` | `50` | sends per region and hour before conversion is judged, 1..=1000000 |
+//! | `SMS_FRAUD_MIN_CONVERSION` | `0.2` | verified / sent below this trips the guard, 0..=1 |
+//! | `SMS_FRAUD_BLOCK_SECONDS` | `3600` | how long `enforce` suspends a region, 60..=604800 |
+//! | `TEST_PHONE_NUMBERS` | unset | `+79990000001=4321,…`: no SMS, no send limits, fixed code |
 //! | `OTP_PEPPER_FILE` | unset: random per process + warning | secret keying the code hash, at least 16 bytes |
 //! | `TRUSTED_PROXY_HOPS` | `0` | proxies whose `x-forwarded-for` entry is trusted, 0..=10 |
 //! | `PHONE_DEFAULT_REGION` | unset: a leading `+` is required | ISO 3166 region for national formats, e.g. `RU` |
@@ -39,8 +51,10 @@ pub use service_kit::config::{ConfigError, ProcessEnv, ServerSettings, Settings,
 
 use crate::otp::{CodeLength, MAX_CODE_LENGTH, MIN_CODE_LENGTH, Pepper};
 use crate::phone::Region;
+use crate::policy::{DEFAULT_NUMBER_TYPES, SmsPolicy, TestNumbers};
 use crate::sms::{DEFAULT_TEMPLATE, TwilioSettings};
 use crate::store::DEFAULT_KEY_PREFIX;
+use crate::store::fraud::{FraudMode, FraudSettings};
 use crate::store::otp::OtpLimits;
 
 /// Which SMS provider delivers codes.
@@ -65,9 +79,15 @@ pub struct AuthConfig {
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub code_length: CodeLength,
-    /// `OTP_TTL_SECONDS`, `OTP_MAX_ATTEMPTS`, `OTP_RESEND_COOLDOWN_SECONDS`, the hourly send
-    /// caps and `OTP_MAX_FAILED_PER_PHONE_PER_DAY`.
+    /// `OTP_TTL_SECONDS`, `OTP_MAX_ATTEMPTS`, `OTP_RESEND_COOLDOWN_SECONDS`, the send budgets
+    /// and the failure caps.
     pub otp_limits: OtpLimits,
+    /// `SMS_ALLOWED_REGIONS`, `SMS_ALLOWED_NUMBER_TYPES`.
+    pub sms_policy: SmsPolicy,
+    /// `SMS_FRAUD_*`.
+    pub fraud: FraudSettings,
+    /// `TEST_PHONE_NUMBERS`.
+    pub test_numbers: TestNumbers,
     pub otp_pepper_file: Option<PathBuf>,
     pub trusted_proxy_hops: usize,
     pub phone_default_region: Option<Region>,
@@ -108,12 +128,9 @@ impl AuthConfig {
         let s = Settings(source);
 
         let redis_url = non_empty(&s, "REDIS_URL", "redis://127.0.0.1:6379");
-        redis::Client::open(redis_url.as_str()).map_err(|err| {
-            ConfigError::new(
-                "REDIS_URL",
-                &redis_url,
-                format_args!("not a Redis URL: {err}"),
-            )
+        // Often holds the Redis password: shown masked, with only a masked parse's message.
+        service_kit::config::check_secret_url("REDIS_URL", &redis_url, "not a Redis URL", |url| {
+            redis::Client::open(url).map(drop)
         })?;
         let redis_key_prefix = non_empty(&s, "REDIS_KEY_PREFIX", DEFAULT_KEY_PREFIX);
         if !crate::store::valid_prefix(&redis_key_prefix) {
@@ -135,14 +152,80 @@ impl AuthConfig {
                 30,
                 1..=1_000_000,
             )?,
+            max_sends_global: s.get_in_range("SMS_MAX_SENDS_PER_HOUR", 10_000, 1..=100_000_000)?,
+            max_sends_per_region: s.get_in_range(
+                "SMS_MAX_SENDS_PER_REGION_PER_HOUR",
+                1_000,
+                1..=100_000_000,
+            )?,
+            max_sends_per_prefix: s.get_in_range(
+                "SMS_MAX_SENDS_PER_PREFIX_PER_HOUR",
+                20,
+                1..=1_000_000,
+            )?,
             max_attempts: s.get_in_range("OTP_MAX_ATTEMPTS", 5, 1..=20)?,
-            max_failed_per_phone: s.get_in_range(
-                "OTP_MAX_FAILED_PER_PHONE_PER_DAY",
+            max_failed_per_client: s.get_in_range(
+                "OTP_MAX_FAILED_PER_CLIENT_PER_HOUR",
+                30,
+                1..=1_000_000,
+            )?,
+            max_failed_per_phone_per_client: s.get_in_range(
+                "OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY",
                 10,
                 1..=1000,
             )?,
+            max_failed_per_phone: s.get_in_range(
+                "OTP_MAX_FAILED_PER_PHONE_PER_DAY",
+                100,
+                1..=100_000,
+            )?,
             ..OtpLimits::default()
         };
+
+        let sms_policy = SmsPolicy::new(
+            SmsPolicy::parse_regions(&s.raw("SMS_ALLOWED_REGIONS").unwrap_or_default()).map_err(
+                |why| {
+                    let raw = s.raw("SMS_ALLOWED_REGIONS").unwrap_or_default();
+                    ConfigError::new("SMS_ALLOWED_REGIONS", &raw, why)
+                },
+            )?,
+            SmsPolicy::parse_types(&non_empty(
+                &s,
+                "SMS_ALLOWED_NUMBER_TYPES",
+                DEFAULT_NUMBER_TYPES,
+            ))
+            .map_err(|why| {
+                let raw = non_empty(&s, "SMS_ALLOWED_NUMBER_TYPES", DEFAULT_NUMBER_TYPES);
+                ConfigError::new("SMS_ALLOWED_NUMBER_TYPES", &raw, why)
+            })?,
+        );
+        let fraud = FraudSettings {
+            mode: match s.choice("SMS_FRAUD_GUARD", "monitor", &["off", "monitor", "enforce"])? {
+                "off" => FraudMode::Off,
+                "enforce" => FraudMode::Enforce,
+                _ => FraudMode::Monitor,
+            },
+            min_sends: s.get_in_range("SMS_FRAUD_MIN_SENDS", 50, 1..=1_000_000)?,
+            min_conversion: s.get_or("SMS_FRAUD_MIN_CONVERSION", 0.2f64).and_then(|v| {
+                if (0.0..=1.0).contains(&v) {
+                    Ok(v)
+                } else {
+                    Err(ConfigError::new(
+                        "SMS_FRAUD_MIN_CONVERSION",
+                        &v.to_string(),
+                        "must be between 0 and 1",
+                    ))
+                }
+            })?,
+            block: secs(&s, "SMS_FRAUD_BLOCK_SECONDS", 3600, 60..=604_800)?,
+            ..FraudSettings::default()
+        };
+        // The codes are secrets: the error names the key and the entry, never the value.
+        let test_numbers = TestNumbers::parse(
+            &s.raw("TEST_PHONE_NUMBERS").unwrap_or_default(),
+            code_length,
+        )
+        .map_err(|why| ConfigError::new("TEST_PHONE_NUMBERS", "<redacted>", why))?;
 
         let phone_default_region = s
             .raw("PHONE_DEFAULT_REGION")
@@ -209,6 +292,9 @@ impl AuthConfig {
             refresh_token_ttl: secs(&s, "REFRESH_TOKEN_TTL_SECONDS", 2_592_000, 60..=31_536_000)?,
             code_length,
             otp_limits,
+            sms_policy,
+            fraud,
+            test_numbers,
             otp_pepper_file: s.raw("OTP_PEPPER_FILE").map(PathBuf::from),
             trusted_proxy_hops: s.get_in_range("TRUSTED_PROXY_HOPS", 0, 0..=10)?,
             phone_default_region,
@@ -282,8 +368,34 @@ mod tests {
             ),
             (5, 30, 5)
         );
-        assert_eq!(l.max_failed_per_phone, 10);
+        assert_eq!(
+            (
+                l.max_sends_global,
+                l.max_sends_per_region,
+                l.max_sends_per_prefix
+            ),
+            (10_000, 1_000, 20)
+        );
+        assert_eq!(
+            (
+                l.max_failed_per_client,
+                l.max_failed_per_phone_per_client,
+                l.max_failed_per_phone
+            ),
+            (30, 10, 100)
+        );
         assert_eq!(l.send_window, Duration::from_secs(3600));
+        assert_eq!(l.client_failure_window, Duration::from_secs(3600));
+        assert_eq!(
+            c.sms_policy.describe(),
+            "regions=all types=fixed_line_or_mobile,mobile"
+        );
+        assert_eq!(c.fraud.mode, FraudMode::Monitor);
+        assert_eq!(
+            (c.fraud.min_sends, c.fraud.min_conversion, c.fraud.block),
+            (50, 0.2, Duration::from_secs(3600))
+        );
+        assert!(c.test_numbers.is_empty());
         assert_eq!(l.failure_window, Duration::from_secs(86_400));
         assert!(c.otp_pepper_file.is_none());
         assert_eq!(c.trusted_proxy_hops, 0);
@@ -307,8 +419,18 @@ mod tests {
             ("TWILIO_AUTH_TOKEN", "tok"),
             ("TWILIO_FROM", "+15005550006"),
             ("SMS_TEMPLATE", "{code} is your code"),
+            ("SMS_ALLOWED_REGIONS", "ru,KZ"),
+            ("SMS_ALLOWED_NUMBER_TYPES", "mobile"),
+            ("SMS_FRAUD_GUARD", "enforce"),
+            ("SMS_FRAUD_MIN_CONVERSION", "0.35"),
+            ("TEST_PHONE_NUMBERS", "+79990000001=432198"),
         ])
         .unwrap();
+        assert_eq!(c.sms_policy.describe(), "regions=KZ,RU types=mobile");
+        assert_eq!(c.fraud.mode, FraudMode::Enforce);
+        assert_eq!(c.fraud.min_conversion, 0.35);
+        assert_eq!(c.test_numbers.len(), 1);
+        assert!(!format!("{c:?}").contains("432198"));
         assert_eq!(c.code_length.get(), 6);
         assert_eq!(c.otp_limits.max_attempts, 3);
         assert_eq!(c.phone_default_region, Some(Region::RU));
@@ -342,12 +464,34 @@ mod tests {
             ("SMS_PROVIDER", "carrier-pigeon"),
             ("SMS_TEMPLATE", "no code here"),
             ("TRUSTED_PROXY_HOPS", "99"),
+            ("SMS_ALLOWED_REGIONS", "RU,Narnia"),
+            ("SMS_ALLOWED_NUMBER_TYPES", "premium"),
+            ("SMS_MAX_SENDS_PER_HOUR", "0"),
+            ("SMS_MAX_SENDS_PER_PREFIX_PER_HOUR", "lots"),
+            ("SMS_FRAUD_GUARD", "panic"),
+            ("SMS_FRAUD_MIN_CONVERSION", "1.5"),
+            ("SMS_FRAUD_BLOCK_SECONDS", "1"),
+            ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "0"),
+            ("OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY", "0"),
+            ("TEST_PHONE_NUMBERS", "+79990000001"),
         ] {
             let err = config(&[(key, value)]).unwrap_err();
             let line = err.to_string();
             assert!(line.contains(key), "{key}={value}: {line}");
             assert!(!line.contains('\n'), "{line}");
         }
+    }
+
+    #[test]
+    fn test_number_errors_never_show_the_codes() {
+        let err = config(&[("TEST_PHONE_NUMBERS", "+79990000001=4321,+79990000002=98")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TEST_PHONE_NUMBERS") && err.contains("entry 2"),
+            "{err}"
+        );
+        assert!(!err.contains("4321") && !err.contains("98\""), "{err}");
     }
 
     #[test]

@@ -1,10 +1,17 @@
 //! The one error type of auth-service and its mapping to gRPC status codes. The mapping is an
 //! exhaustive match (no wildcard arm), so a new variant cannot silently become the wrong code.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::policy::PolicyRefusal;
+
+/// The one answer to every code that is not accepted.
+pub const CODE_REJECTED: &str =
+    "the code is wrong, expired or already used; check it or request a new code";
 
 /// A dependency auth-service needs to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +31,9 @@ impl Dependency {
     }
 }
 
+/// The `google.rpc.ErrorInfo` domain of auth-service's reasons.
+pub const ERROR_DOMAIN: &str = "auth.refsys";
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -33,22 +43,96 @@ pub enum Limit {
     PhoneHourlySends,
     /// `OTP_MAX_SENDS_PER_CLIENT_PER_HOUR`.
     ClientHourlySends,
-    /// `OTP_MAX_FAILED_PER_PHONE_PER_DAY`: verification of this phone is locked.
+    /// `SMS_MAX_SENDS_PER_HOUR`: every number together.
+    GlobalHourlySends,
+    /// `SMS_MAX_SENDS_PER_REGION_PER_HOUR`.
+    RegionHourlySends,
+    /// `SMS_MAX_SENDS_PER_PREFIX_PER_HOUR`: one block of 10,000 consecutive numbers.
+    PrefixHourlySends,
+    /// `SMS_FRAUD_GUARD=enforce` suspended sends to this region.
+    FraudSuspected,
+    /// `OTP_MAX_FAILED_PER_CLIENT_PER_HOUR`: wrong codes from one client, across phones.
+    ClientHourlyFailures,
+    /// `OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY`: this client may not verify this phone.
+    PhoneClientDailyFailures,
+    /// `OTP_MAX_FAILED_PER_PHONE_PER_DAY`: verification of this phone is locked for everyone.
     PhoneDailyFailures,
-    /// `OTP_MAX_ATTEMPTS`: this code is burned; a new one must be sent.
-    CodeAttempts,
 }
 
 impl Limit {
+    pub const ALL: [Limit; 10] = [
+        Self::ResendCooldown,
+        Self::PhoneHourlySends,
+        Self::ClientHourlySends,
+        Self::GlobalHourlySends,
+        Self::RegionHourlySends,
+        Self::PrefixHourlySends,
+        Self::FraudSuspected,
+        Self::ClientHourlyFailures,
+        Self::PhoneClientDailyFailures,
+        Self::PhoneDailyFailures,
+    ];
+
     fn message(self) -> &'static str {
         match self {
             Self::ResendCooldown => "a code was sent to this phone recently; wait before resending",
             Self::PhoneHourlySends => "too many codes sent to this phone; try again later",
             Self::ClientHourlySends => "too many codes requested from this client; try again later",
-            Self::PhoneDailyFailures => {
+            Self::GlobalHourlySends | Self::RegionHourlySends | Self::PrefixHourlySends => {
+                "sign-in codes are being sent at an unusual rate; try again later"
+            }
+            Self::FraudSuspected => {
+                "sign-in codes to this region are suspended after suspicious traffic; try again later"
+            }
+            Self::ClientHourlyFailures => "too many wrong codes from this client; try again later",
+            Self::PhoneClientDailyFailures | Self::PhoneDailyFailures => {
                 "too many failed verifications for this phone; try again later"
             }
-            Self::CodeAttempts => "too many wrong attempts; request a new code",
+        }
+    }
+
+    /// The `google.rpc.ErrorInfo` reason: names the limit, so a client (and an operator
+    /// reading a support ticket) knows which one refused.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ResendCooldown => "RESEND_COOLDOWN",
+            Self::PhoneHourlySends => "PHONE_SEND_LIMIT",
+            Self::ClientHourlySends => "CLIENT_SEND_LIMIT",
+            Self::GlobalHourlySends => "SMS_GLOBAL_BUDGET",
+            Self::RegionHourlySends => "SMS_REGION_BUDGET",
+            Self::PrefixHourlySends => "SMS_PREFIX_BUDGET",
+            Self::FraudSuspected => "SMS_FRAUD_SUSPECTED",
+            Self::ClientHourlyFailures => "CLIENT_FAILURE_LIMIT",
+            Self::PhoneClientDailyFailures => "PHONE_CLIENT_FAILURE_LIMIT",
+            Self::PhoneDailyFailures => "PHONE_FAILURE_LIMIT",
+        }
+    }
+
+    /// The metric label: the reason in lower case.
+    pub fn label(self) -> String {
+        self.reason().to_ascii_lowercase()
+    }
+}
+
+/// Why a code was not accepted. Callers never learn which: every rejection is one answer, so
+/// guessing at a phone reveals nothing about whether a code is pending. Operators see the
+/// distinction in `refsys_otp_verifications_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No code is pending: never sent, expired, used, or burned by too many wrong tries.
+    NoCode,
+    /// A code is pending and this is not it (the last allowed try burns it).
+    Wrong,
+    /// Another verification holds the code right now.
+    Busy,
+}
+
+impl Rejection {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NoCode => "expired",
+            Self::Wrong => "wrong",
+            Self::Busy => "busy",
         }
     }
 }
@@ -64,13 +148,12 @@ pub enum AuthError {
     /// A limit refused the request; retrying after `retry_after` may succeed.
     #[error("rate limited ({limit:?}), retry after {retry_after:?}")]
     RateLimited { limit: Limit, retry_after: Duration },
-    /// The code is wrong.
-    #[error("wrong code")]
-    WrongCode,
-    /// No code is pending for this phone: never sent, expired, or already used (or being used
-    /// by a concurrent verification).
-    #[error("code expired or already used")]
-    CodeExpired,
+    /// The code was not accepted (see [`Rejection`]; the caller is not told which).
+    #[error("code rejected ({0:?})")]
+    CodeRejected(Rejection),
+    /// Codes are never sent to this number.
+    #[error("number not allowed: {}", .0.reason())]
+    NotAllowed(PolicyRefusal),
     /// The refresh token is unknown, expired or revoked.
     #[error("invalid refresh token")]
     InvalidRefreshToken,
@@ -125,16 +208,20 @@ impl From<AuthError> for Status {
             ),
             AuthError::RateLimited { limit, retry_after } => {
                 let retry_after = retry_after_secs(retry_after);
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info(limit.reason(), ERROR_DOMAIN, HashMap::new());
                 Status::with_error_details(
                     Code::ResourceExhausted,
                     format!("{} (retry in {}s)", limit.message(), retry_after.as_secs()),
-                    ErrorDetails::with_retry_info(Some(retry_after)),
+                    details,
                 )
             }
-            AuthError::WrongCode => Status::unauthenticated("wrong code"),
-            AuthError::CodeExpired => {
-                Status::unauthenticated("code expired or already used; request a new code")
-            }
+            AuthError::CodeRejected(_) => Status::unauthenticated(CODE_REJECTED),
+            AuthError::NotAllowed(refusal) => Status::with_error_details(
+                Code::FailedPrecondition,
+                refusal.message(),
+                ErrorDetails::with_error_info(refusal.reason(), ERROR_DOMAIN, HashMap::new()),
+            ),
             AuthError::InvalidRefreshToken => {
                 Status::unauthenticated("refresh token is unknown, expired or revoked")
             }
@@ -168,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_carry_retry_info_rounded_up() {
+    fn limits_carry_retry_info_rounded_up_and_name_the_limit() {
         let status = Status::from(AuthError::RateLimited {
             limit: Limit::ResendCooldown,
             retry_after: Duration::from_millis(41_200),
@@ -177,13 +264,54 @@ mod tests {
         let retry = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_secs(42)));
         assert_eq!(retry_after_secs(Duration::ZERO), Duration::from_secs(1));
+        let reasons: std::collections::HashSet<_> = Limit::ALL
+            .iter()
+            .map(|limit| {
+                let status = Status::from(AuthError::RateLimited {
+                    limit: *limit,
+                    retry_after: Duration::from_secs(1),
+                });
+                let info = status.get_details_error_info().expect("ErrorInfo");
+                assert_eq!(info.domain, ERROR_DOMAIN);
+                info.reason
+            })
+            .collect();
+        assert_eq!(reasons.len(), Limit::ALL.len(), "reasons must be distinct");
+        assert!(reasons.contains("SMS_FRAUD_SUSPECTED"));
+    }
+
+    #[test]
+    fn every_rejected_code_gets_the_same_answer() {
+        let answers: Vec<(Code, String)> = [Rejection::NoCode, Rejection::Wrong, Rejection::Busy]
+            .into_iter()
+            .map(|why| {
+                let status = Status::from(AuthError::CodeRejected(why));
+                (status.code(), status.message().to_owned())
+            })
+            .collect();
+        assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+        assert_eq!(answers[0].0, Code::Unauthenticated);
+    }
+
+    #[test]
+    fn policy_refusals_are_failed_precondition_with_a_reason() {
+        for (refusal, reason) in [
+            (PolicyRefusal::RegionNotAllowed, "REGION_NOT_ALLOWED"),
+            (
+                PolicyRefusal::NumberTypeNotAllowed,
+                "NUMBER_TYPE_NOT_ALLOWED",
+            ),
+        ] {
+            let status = Status::from(AuthError::NotAllowed(refusal));
+            assert_eq!(status.code(), Code::FailedPrecondition);
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+        }
     }
 
     #[test]
     fn codes_tokens_and_outages_map_to_their_codes() {
         for err in [
-            AuthError::WrongCode,
-            AuthError::CodeExpired,
+            AuthError::CodeRejected(Rejection::Wrong),
             AuthError::InvalidRefreshToken,
             AuthError::RefreshTokenReused,
         ] {

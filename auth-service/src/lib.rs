@@ -4,12 +4,14 @@
 //! `directory` (JWTs, the referral-service client), `grpc` (handlers), `error` (the one error
 //! type and its gRPC mapping), `config` (settings).
 
+pub mod client;
 pub mod config;
 pub mod directory;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod otp;
+pub mod policy;
 /// Phone numbers: the one E.164 validator both services share.
 pub use service_kit::phone;
 pub mod sms;
@@ -87,6 +89,17 @@ pub async fn serve(
             }
         }
     };
+    tracing::info!(
+        policy = %config.sms_policy.describe(),
+        fraud_guard = config.fraud.mode.as_str(),
+        "SMS policy"
+    );
+    if !config.test_numbers.is_empty() {
+        tracing::warn!(
+            count = config.test_numbers.len(),
+            "TEST_PHONE_NUMBERS is set: these numbers sign in with a fixed code and get no SMS"
+        );
+    }
     let sms: Arc<dyn SmsSender> = match &config.sms {
         SmsProvider::Log => {
             tracing::warn!(
@@ -102,6 +115,7 @@ pub async fn serve(
             conn.clone(),
             config.redis_key_prefix.clone(),
             config.otp_limits.clone(),
+            config.fraud.clone(),
             REDIS_TIMEOUT,
         ),
         refresh: RefreshStore::new(
@@ -111,12 +125,15 @@ pub async fn serve(
             REDIS_TIMEOUT,
         ),
         sms,
+        sms_policy: config.sms_policy.clone(),
+        test_numbers: config.test_numbers.clone(),
         pepper,
         code_length: config.code_length,
         phone_region: config.phone_default_region,
         directory: directory::Directory::new(&config.referral_grpc_url, issuer.clone())?,
         issuer,
         trusted_proxy_hops: config.trusted_proxy_hops,
+        server_timeout: config.server.request_timeout,
         clock,
     };
     let service = AuthServiceServer::new(handler).max_decoding_message_size(MAX_DECODE_BYTES);

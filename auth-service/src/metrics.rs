@@ -19,7 +19,7 @@ pub static SMS_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static VERIFICATIONS: LazyLock<LabelledCounter> = LazyLock::new(|| {
     counter_vec(
         "refsys_otp_verifications_total",
-        "VerifyCode outcomes: success, wrong, expired, burned, locked, unavailable.",
+        "VerifyCode outcomes: success, wrong, expired (no code pending), busy, locked, invalid, unavailable, error.",
         &["outcome"],
     )
 });
@@ -36,6 +36,49 @@ pub static REFRESH_REUSE: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static LIMIT_REFUSALS: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_otp_limit_refusals_total",
+        "Requests refused by a limit, by the limit's ErrorInfo reason in lower case.",
+        &["limit"],
+    )
+});
+pub static POLICY_REFUSALS: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_sms_policy_refusals_total",
+        "SendCode refused because of the number's region or type (no SMS, nothing counted).",
+        &["reason"],
+    )
+});
+pub static REGION_SENDS: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_sms_region_sends_total",
+        "Codes delivered to the SMS provider, by the number's region (ISO 3166, 001 = none).",
+        &["region"],
+    )
+});
+pub static REGION_VERIFICATIONS: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_sms_region_verifications_total",
+        "Codes verified, by the number's region: conversion = this rate / the sends' rate.",
+        &["region"],
+    )
+});
+pub static FRAUD_SUSPECTED: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_sms_fraud_suspected_total",
+        "Times the conversion guard tripped for a region (once per block period), by mode.",
+        &["region", "mode"],
+    )
+});
+pub static TEST_NUMBER_USES: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_test_number_uses_total",
+        "SendCode and VerifyCode calls for TEST_PHONE_NUMBERS (no SMS, no send limits).",
+        &["rpc"],
+    )
+});
+
 /// Registers every counter, so each shows (as 0) before its first event.
 pub fn register() {
     LazyLock::force(&CODES_SENT);
@@ -43,4 +86,10 @@ pub fn register() {
     LazyLock::force(&VERIFICATIONS);
     LazyLock::force(&REFRESH_ROTATED);
     LazyLock::force(&REFRESH_REUSE);
+    LazyLock::force(&LIMIT_REFUSALS);
+    LazyLock::force(&POLICY_REFUSALS);
+    LazyLock::force(&REGION_SENDS);
+    LazyLock::force(&REGION_VERIFICATIONS);
+    LazyLock::force(&FRAUD_SUSPECTED);
+    LazyLock::force(&TEST_NUMBER_USES);
 }

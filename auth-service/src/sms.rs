@@ -121,8 +121,9 @@ impl TwilioSettings {
 }
 
 /// The Twilio Messages API: `POST {base}/2010-04-01/Accounts/{sid}/Messages.json` with form
-/// fields `To`, `From`, `Body` and HTTP basic auth `sid:token`. Retries connect errors,
-/// timeouts and 5xx with exponential backoff; never retries a 4xx.
+/// fields `To`, `From`, `Body` and HTTP basic auth `sid:token`. Retries connect errors and 5xx
+/// with exponential backoff; never retries a 4xx, and never a request that went out without an
+/// answer (a timeout), which may have delivered the message: a retry would text it twice.
 pub struct TwilioSender {
     http: reqwest::Client,
     url: String,
@@ -131,7 +132,11 @@ pub struct TwilioSender {
 
 enum Attempt {
     Sent,
+    /// The message certainly was not created: a connect error or a 5xx.
     Retryable(String),
+    /// The request went out and no answer came back (a timeout, a dropped connection): the
+    /// message may have been delivered, so it is never sent again.
+    Uncertain(String),
     Rejected(u16, String),
 }
 
@@ -180,9 +185,9 @@ impl TwilioSender {
                     Attempt::Rejected(status.as_u16(), detail)
                 }
             }
-            // Connect errors, timeouts, broken connections. The error text holds the URL,
-            // which holds the account SID but no secret.
-            Err(err) => Attempt::Retryable(err.without_url().to_string()),
+            // The error text holds the URL, which holds the account SID but no secret.
+            Err(err) if err.is_connect() => Attempt::Retryable(err.without_url().to_string()),
+            Err(err) => Attempt::Uncertain(err.without_url().to_string()),
         }
     }
 }
@@ -210,6 +215,14 @@ impl SmsSender for TwilioSender {
                         let detail = redact(&detail, to);
                         tracing::warn!(phone = %to, attempt, error = %detail, "twilio send failed");
                         last = detail;
+                    }
+                    Attempt::Uncertain(detail) => {
+                        let detail = redact(&detail, to);
+                        tracing::warn!(phone = %to, attempt, error = %detail, "twilio did not answer; not retried, it may have delivered");
+                        return Err(SmsError::Unreachable {
+                            attempts: attempt,
+                            detail,
+                        });
                     }
                 }
                 if attempt < attempts {

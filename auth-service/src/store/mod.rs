@@ -3,15 +3,17 @@
 //!
 //! Keys live under a configurable prefix (`refsys:auth:` by default). Every key a multi-key
 //! Lua script touches carries the same Redis Cluster hash tag: `{+79601233017}` for a phone,
-//! `{fam:<id>}` for a refresh-token family, so each script runs on one slot. Keys that cannot
-//! share a tag (the per-client send counter, the token-hash → family lookup) are only ever
-//! used by single-key commands or single-key scripts; see the module docs for the
-//! consequences.
+//! `{fam:<id>}` for a refresh-token family, `{sms:RU}` for a region, so each script runs on one
+//! slot. Keys that cannot share a tag (the budgets of clients, blocks and everything, the
+//! token-hash → family lookup) are only ever used by single-key commands or scripts; see the
+//! module docs for the consequences.
 //!
 //! Every call goes through a [`redis::aio::ConnectionManager`] (it reconnects by itself) with
 //! connection and response timeouts, and is additionally bounded by an overall deadline, so a
 //! dead Redis answers [`StoreError::Unavailable`] quickly instead of hanging a request.
 
+pub mod budget;
+pub mod fraud;
 pub mod otp;
 pub mod refresh;
 

@@ -293,7 +293,11 @@ async fn national_numbers_work_with_a_default_region() {
 
 #[tokio::test]
 async fn limits_answer_resource_exhausted_with_retry_info() {
-    let mut h = Harness::start(&[("OTP_MAX_ATTEMPTS", "2")]).await;
+    let mut h = Harness::start(&[
+        ("OTP_MAX_ATTEMPTS", "2"),
+        ("OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY", "4"),
+    ])
+    .await;
     h.send("+79601233017").await.unwrap();
     let status = h.send("+79601233017").await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
@@ -303,18 +307,37 @@ async fn limits_answer_resource_exhausted_with_retry_info() {
         .retry_delay
         .unwrap();
     assert!((55..=60).contains(&delay.as_secs()), "{delay:?}");
+    assert_eq!(
+        status.get_details_error_info().unwrap().reason,
+        "RESEND_COOLDOWN"
+    );
 
+    // Two wrong tries burn the code; the right code then gets the same answer as a wrong
+    // one, and so does a phone that never had a code.
     let code = h.latest_code("+79601233017").await;
     let wrong = if code == "0000" { "1111" } else { "0000" };
-    for _ in 0..2 {
-        assert_eq!(
-            h.verify("+79601233017", wrong).await.unwrap_err().code(),
-            Code::Unauthenticated
-        );
+    let mut answers = Vec::new();
+    for (phone, typed) in [
+        ("+79601233017", wrong),
+        ("+79601233017", wrong),
+        ("+79601233017", code.as_str()),
+        ("+79601239999", "1234"),
+    ] {
+        let status = h.verify(phone, typed).await.unwrap_err();
+        answers.push((status.code(), status.message().to_owned()));
     }
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    assert_eq!(answers[0].0, Code::Unauthenticated);
+
+    // The fourth failure of this client on this phone locks the pair.
+    h.verify("+79601233017", wrong).await.unwrap_err();
     let status = h.verify("+79601233017", &code).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.get_details_retry_info().is_some());
+    assert_eq!(
+        status.get_details_error_info().unwrap().reason,
+        "PHONE_CLIENT_FAILURE_LIMIT"
+    );
 }
 
 #[tokio::test]

@@ -4,8 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use auth_service::error::AuthError;
+use auth_service::client::ClientId;
+use auth_service::error::{AuthError, Rejection};
 use auth_service::otp::{CodeLength, OtpCode, Pepper};
+use auth_service::store::fraud::FraudSettings;
 use auth_service::store::otp::{OtpLimits, OtpStore, VerifyOutcome};
 use auth_service::store::{StoreError, connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,20 +64,27 @@ async fn pump(
 async fn a_silent_redis_fails_fast_and_recovers() {
     let (url, frozen) = freezable_proxy().await;
     let conn = connect(&url, Duration::from_millis(500)).await.unwrap();
-    let store = OtpStore::new(conn, prefix(), OtpLimits::default(), Duration::from_secs(1));
+    let store = OtpStore::new(
+        conn,
+        prefix(),
+        OtpLimits::default(),
+        FraudSettings::default(),
+        Duration::from_secs(1),
+    );
+    let client = ClientId::from_ip("192.0.2.1".parse().unwrap());
     let to = phone("+79601233017");
     let pepper = Pepper::from_bytes(vec![1; 32]).unwrap();
     let code = OtpCode::parse("1234", CodeLength::default()).unwrap();
     let hash = pepper.hash_code(&to, &code);
     assert!(matches!(
-        store.verify(&to, &hash).await.unwrap(),
-        VerifyOutcome::NoCode
+        store.verify(&to, &client, &hash, None).await.unwrap(),
+        VerifyOutcome::Rejected(Rejection::NoCode)
     ));
 
     frozen.store(true, Ordering::SeqCst);
     for _ in 0..3 {
         let started = Instant::now();
-        let err = store.verify(&to, &hash).await.unwrap_err();
+        let err = store.verify(&to, &client, &hash, None).await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         assert!(
             started.elapsed() < Duration::from_millis(1500),
@@ -90,8 +99,8 @@ async fn a_silent_redis_fails_fast_and_recovers() {
     // The connection manager reconnects by itself; allow it a few tries.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match store.verify(&to, &hash).await {
-            Ok(VerifyOutcome::NoCode) => break,
+        match store.verify(&to, &client, &hash, None).await {
+            Ok(VerifyOutcome::Rejected(Rejection::NoCode)) => break,
             Ok(other) => panic!("{other:?}"),
             Err(err) if Instant::now() < deadline => {
                 let _ = err;
