@@ -1,27 +1,137 @@
 //! A tower layer around every gRPC call: one tracing span (child of the caller's W3C
 //! `traceparent`, so one sign-in is one trace across services) and the per-RPC metrics.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
+use prost::Message;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Observes every call. Metric labels name only the services this server has, so a scanner
-/// probing made-up paths cannot grow the label sets without bound.
+const UNKNOWN: &str = "unknown";
+
+/// The metric labels and span name of one RPC, made once at start.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RpcName {
+    pub service: String,
+    pub method: String,
+    /// `service/method`, the span's name.
+    pub span_name: String,
+}
+
+impl RpcName {
+    fn new(service: &str, method: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            span_name: format!("{service}/{method}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KnownMethodsError {
+    #[error("an encoded file descriptor set does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("service {0} is served but no descriptor set describes it")]
+    Undescribed(String),
+}
+
+/// The methods a server serves, by request path (`/pkg.Service/Method`), the only names metric
+/// labels and span names may carry: anything else a caller sends, a made-up service or a made-up
+/// method of a real one, is `unknown`/`unknown`, whatever status it gets (UNIMPLEMENTED from the
+/// router, or UNAUTHENTICATED from a token check that runs before routing). So a scanner cannot
+/// grow the label sets without bound, and an unknown path costs a lookup, not an allocation.
+#[derive(Debug, Clone)]
+pub struct KnownMethods {
+    by_path: Arc<HashMap<Box<str>, Arc<RpcName>>>,
+    unknown: Arc<RpcName>,
+}
+
+impl KnownMethods {
+    /// The methods of `services` as the encoded descriptor sets `sets` describe them. Every
+    /// service must be described: one that is not would have all its calls counted as unknown.
+    pub fn from_descriptor_sets(
+        sets: &[&[u8]],
+        services: &[&str],
+    ) -> Result<Self, KnownMethodsError> {
+        let mut by_path = HashMap::new();
+        let mut described = Vec::new();
+        for set in sets {
+            for file in prost_types::FileDescriptorSet::decode(*set)?.file {
+                for service in &file.service {
+                    let name = match file.package() {
+                        "" => service.name().to_owned(),
+                        package => format!("{package}.{}", service.name()),
+                    };
+                    if !services.contains(&name.as_str()) {
+                        continue;
+                    }
+                    for method in &service.method {
+                        by_path.insert(
+                            format!("/{name}/{}", method.name()).into_boxed_str(),
+                            Arc::new(RpcName::new(&name, method.name())),
+                        );
+                    }
+                    described.push(name);
+                }
+            }
+        }
+        if let Some(missing) = services
+            .iter()
+            .find(|service| !described.iter().any(|name| name == *service))
+        {
+            return Err(KnownMethodsError::Undescribed((*missing).to_owned()));
+        }
+        Ok(Self {
+            by_path: Arc::new(by_path),
+            unknown: Arc::new(RpcName::new(UNKNOWN, UNKNOWN)),
+        })
+    }
+
+    /// What [`crate::server::serve`] serves: the app's own services (described by
+    /// refsys-proto's descriptor set) plus health checking and reflection v1 and v1alpha.
+    pub fn of_server(app_services: &[&str]) -> Result<Self, KnownMethodsError> {
+        let services: Vec<&str> = app_services
+            .iter()
+            .copied()
+            .chain([
+                tonic_health::pb::health_server::SERVICE_NAME,
+                tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+                tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+            ])
+            .collect();
+        Self::from_descriptor_sets(
+            &[
+                refsys_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+            &services,
+        )
+    }
+
+    /// The name of the RPC at `path`, or `unknown`/`unknown`. Only an exact path counts, as the
+    /// router only serves exact paths.
+    pub fn name_of(&self, path: &str) -> &Arc<RpcName> {
+        self.by_path.get(path).unwrap_or(&self.unknown)
+    }
+}
+
+/// Observes every call.
 #[derive(Debug, Clone)]
 pub struct RpcObserverLayer {
-    known_services: Arc<[&'static str]>,
+    known: KnownMethods,
 }
 
 impl RpcObserverLayer {
-    pub fn new(known_services: &[&'static str]) -> Self {
-        Self {
-            known_services: known_services.into(),
-        }
+    pub fn new(known: KnownMethods) -> Self {
+        Self { known }
     }
 }
 
@@ -31,7 +141,7 @@ impl<S> Layer<S> for RpcObserverLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RpcObserver {
             inner,
-            known_services: self.known_services.clone(),
+            known: self.known.clone(),
         }
     }
 }
@@ -39,20 +149,7 @@ impl<S> Layer<S> for RpcObserverLayer {
 #[derive(Debug, Clone)]
 pub struct RpcObserver<S> {
     inner: S,
-    known_services: Arc<[&'static str]>,
-}
-
-const UNKNOWN: &str = "unknown";
-
-/// `/pkg.Service/Method` → (`pkg.Service`, `Method`); a service this server does not have is
-/// "unknown" (and so is its method).
-fn split_path(path: &str, known_services: &[&'static str]) -> (String, String) {
-    match path.trim_start_matches('/').split_once('/') {
-        Some((service, method)) if known_services.contains(&service) => {
-            (service.to_owned(), method.to_owned())
-        }
-        _ => (UNKNOWN.to_owned(), UNKNOWN.to_owned()),
-    }
+    known: KnownMethods,
 }
 
 /// The gRPC status of a unary response: in the headers for errors (trailers-only responses),
@@ -112,14 +209,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path(), &self.known_services);
+        let name = self.known.name_of(request.uri().path()).clone();
         let span = tracing::info_span!(
             "grpc",
-            otel.name = format!("{service}/{method}"),
+            otel.name = %name.span_name,
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = %name.service,
+            rpc.method = %name.method,
             rpc.grpc.status_code = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
@@ -129,7 +226,7 @@ where
         }
 
         let metrics = crate::metrics::rpc();
-        let in_flight = metrics.in_flight.with_label_values(&[&service]);
+        let in_flight = metrics.in_flight.with_label_values(&[&name.service]);
         in_flight.inc();
         let started = Instant::now();
 
@@ -149,12 +246,6 @@ where
                     Err(_) => tonic::Code::Unknown,
                 };
                 tracing::Span::current().record("rpc.grpc.status_code", code as i32);
-                // A made-up method of a real service must not become a label either.
-                let method = if code == tonic::Code::Unimplemented {
-                    UNKNOWN.to_owned()
-                } else {
-                    method
-                };
                 let elapsed = started.elapsed();
                 // An access log, off unless asked for (RUST_LOG=refsys::rpc=debug): at full load
                 // one line per call costs more than the call.
@@ -166,11 +257,11 @@ where
                 );
                 metrics
                     .handled
-                    .with_label_values(&[&service, &method, &code_label(code)])
+                    .with_label_values(&[&name.service, &name.method, &code_label(code)])
                     .inc();
                 metrics
                     .latency
-                    .with_label_values(&[&service, &method])
+                    .with_label_values(&[&name.service, &name.method])
                     .observe(elapsed.as_secs_f64());
                 result
             }
@@ -183,21 +274,94 @@ where
 mod tests {
     use super::*;
 
+    fn labels(known: &KnownMethods, path: &str) -> (String, String) {
+        let name = known.name_of(path);
+        assert_eq!(name.span_name, format!("{}/{}", name.service, name.method));
+        (name.service.clone(), name.method.clone())
+    }
+
+    fn unknown() -> (String, String) {
+        ("unknown".into(), "unknown".into())
+    }
+
     #[test]
-    fn paths_split_into_service_and_method_of_known_services_only() {
-        let known = ["refsys.auth.v1.AuthService"];
+    fn only_served_methods_are_named() {
+        let known = KnownMethods::of_server(&["refsys.auth.v1.AuthService"]).unwrap();
         assert_eq!(
-            split_path("/refsys.auth.v1.AuthService/SendCode", &known),
+            labels(&known, "/refsys.auth.v1.AuthService/SendCode"),
             ("refsys.auth.v1.AuthService".into(), "SendCode".into())
         );
+        for path in [
+            // A made-up method of a served service, and near misses of a real one.
+            "/refsys.auth.v1.AuthService/Probe1234",
+            "/refsys.auth.v1.AuthService/sendcode",
+            "/refsys.auth.v1.AuthService/SendCode/",
+            "//refsys.auth.v1.AuthService/SendCode",
+            "refsys.auth.v1.AuthService/SendCode",
+            "/refsys.auth.v1.AuthService",
+            // A service in the descriptor set that this server does not serve.
+            "/refsys.referral.v1.ReferralService/GetProfile",
+            "/made.up.Service/Probe",
+            "/nonsense",
+            "/",
+            "",
+        ] {
+            assert_eq!(labels(&known, path), unknown(), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn health_and_reflection_methods_are_known_on_every_server() {
+        let known = KnownMethods::of_server(&[
+            "refsys.referral.v1.ReferralService",
+            "refsys.referral.v1.UserDirectory",
+            "refsys.referral.v1.AdminService",
+        ])
+        .unwrap();
+        for (service, method) in [
+            ("grpc.health.v1.Health", "Check"),
+            ("grpc.health.v1.Health", "Watch"),
+            (
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            (
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            ("refsys.referral.v1.ReferralService", "GetProfile"),
+            ("refsys.referral.v1.UserDirectory", "EnsureUser"),
+            ("refsys.referral.v1.AdminService", "ListUsers"),
+        ] {
+            assert_eq!(
+                labels(&known, &format!("/{service}/{method}")),
+                (service.into(), method.into())
+            );
+        }
         assert_eq!(
-            split_path("/nonsense", &known),
-            ("unknown".into(), "unknown".into())
+            labels(&known, "/refsys.auth.v1.AuthService/SendCode"),
+            unknown()
         );
-        assert_eq!(
-            split_path("/made.up.Service/Probe", &known),
-            ("unknown".into(), "unknown".into())
-        );
+    }
+
+    #[test]
+    fn a_served_service_without_a_descriptor_is_refused() {
+        assert!(matches!(
+            KnownMethods::of_server(&["refsys.auth.v1.AuthServiceTypo"]),
+            Err(KnownMethodsError::Undescribed(name)) if name == "refsys.auth.v1.AuthServiceTypo"
+        ));
+        assert!(matches!(
+            KnownMethods::from_descriptor_sets(&[b"\xff\xff\xff"], &[]),
+            Err(KnownMethodsError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn the_same_name_is_shared_not_copied_per_call() {
+        let known = KnownMethods::of_server(&[]).unwrap();
+        let a = known.name_of("/made.up.Service/One");
+        let b = known.name_of("/grpc.health.v1.Health/Nope");
+        assert!(Arc::ptr_eq(a, b));
     }
 
     #[test]

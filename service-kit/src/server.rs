@@ -43,6 +43,8 @@ pub struct App {
 pub enum ServeError {
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("served methods: {0}")]
+    KnownMethods(#[from] crate::observe::KnownMethodsError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("metrics endpoint: {0}")]
@@ -137,16 +139,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    let known_services: Vec<&'static str> = app
-        .service_names
-        .iter()
-        .copied()
-        .chain([
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection",
-        ])
-        .collect();
+    let known_methods = crate::observe::KnownMethods::of_server(&app.service_names)?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
@@ -155,7 +148,7 @@ pub async fn serve(
         .max_connection_age_grace(settings.shutdown_grace)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(crate::observe::RpcObserverLayer::new(&known_services))
+        .layer(crate::observe::RpcObserverLayer::new(known_methods))
         .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async {

@@ -1,7 +1,12 @@
 //! Metrics and trace propagation, seen from outside.
 
-use e2e_tests::{Stack, StackOptions};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use e2e_tests::{Stack, StackOptions, raw};
+use prost::Message;
 use refsys_proto::auth::v1::{RefreshTokensRequest, SendCodeRequest, VerifyCodeRequest};
+use tonic::Code;
 
 /// SendCode, then VerifyCode as part of the caller's trace `trace_id` (W3C traceparent).
 async fn sign_in_within_trace(stack: &Stack, phone: &str, trace_id: &str) {
@@ -120,6 +125,123 @@ async fn metrics_count_rpcs_by_code_and_domain_events() {
             referral_metrics.contains(expected),
             "missing {expected:?} in:\n{referral_metrics}"
         );
+    }
+}
+
+/// Every service and method name the two servers serve, from the same descriptor sets.
+fn real_names() -> (HashSet<String>, HashSet<String>) {
+    let (mut services, mut methods) = (HashSet::new(), HashSet::new());
+    for set in [
+        refsys_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ] {
+        for file in prost_types::FileDescriptorSet::decode(set)
+            .expect("descriptor set")
+            .file
+        {
+            for service in &file.service {
+                services.insert(format!("{}.{}", file.package(), service.name()));
+                methods.extend(service.method.iter().map(|m| m.name().to_owned()));
+            }
+        }
+    }
+    (services, methods)
+}
+
+/// The values of `label` anywhere in a Prometheus text exposition.
+fn label_values(metrics: &str, label: &str) -> HashSet<String> {
+    let key = format!("{label}=\"");
+    metrics
+        .split(key.as_str())
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(value, _)| value.to_owned()))
+        .collect()
+}
+
+/// Made-up methods on real services (rejected by a token check before routing, or routed and
+/// UNIMPLEMENTED) and made-up services, with and without a token: none may become a label.
+#[tokio::test]
+async fn made_up_methods_never_become_metric_labels() {
+    let stack = Stack::start().await;
+    let user = stack.sign_in("+79601230060", None).await;
+    let auth = Stack::channel(&stack.auth).await;
+    let referral = Stack::channel(&stack.referral).await;
+    let random = std::collections::hash_map::RandomState::new();
+    let made_up = |i: u64| format!("Zq{:016x}", random.hash_one(i));
+
+    // (on referral-service, service)
+    let services = [
+        (false, "refsys.auth.v1.AuthService"),
+        (false, "grpc.health.v1.Health"),
+        (false, "grpc.reflection.v1.ServerReflection"),
+        // Real, but served by the other process.
+        (false, "refsys.referral.v1.ReferralService"),
+        (true, "refsys.referral.v1.ReferralService"),
+        (true, "refsys.referral.v1.UserDirectory"),
+        (true, "refsys.referral.v1.AdminService"),
+        (true, "grpc.reflection.v1alpha.ServerReflection"),
+    ];
+    let mut sent = Vec::new();
+    let mut codes = HashSet::new();
+    for i in 0..56_u64 {
+        let (on_referral, path) = match i % 10 {
+            n @ 0..8 => {
+                let (on_referral, service) = services[n as usize];
+                (on_referral, format!("/{service}/{}", made_up(i)))
+            }
+            n => (
+                n == 9,
+                format!("/zq.{}.Service/{}", made_up(i), made_up(i + 1000)),
+            ),
+        };
+        let channel = if on_referral { &referral } else { &auth };
+        let token = (i % 3 == 0).then_some(user.access_token.as_str());
+        let status = raw::call(channel.clone(), &path, Vec::new(), token)
+            .await
+            .expect_err("no such method");
+        codes.insert((on_referral, token.is_some(), status.code()));
+        sent.push(path);
+    }
+    // The case that used to leak: the token check answers before routing.
+    assert!(
+        codes.contains(&(true, false, Code::Unauthenticated)),
+        "{codes:?}"
+    );
+    assert!(
+        codes.contains(&(true, true, Code::Unimplemented)),
+        "{codes:?}"
+    );
+
+    let (real_services, real_methods) = real_names();
+    for (name, addr) in [
+        ("auth-service", stack.auth_metrics),
+        ("referral-service", stack.referral_metrics),
+    ] {
+        let metrics = Stack::metrics(addr).await;
+        assert!(
+            !metrics.contains("Zq") && !metrics.contains("zq."),
+            "{name} exposes a made-up name:\n{metrics}"
+        );
+        for path in &sent {
+            let method = path.rsplit('/').next().unwrap_or_default();
+            assert!(!metrics.contains(method), "{name} exposes {path}");
+        }
+        let methods = label_values(&metrics, "grpc_method");
+        assert!(methods.contains("unknown"), "{name}: {methods:?}");
+        for method in &methods {
+            assert!(
+                method == "unknown" || real_methods.contains(method),
+                "{name} labels grpc_method={method:?}"
+            );
+        }
+        for service in label_values(&metrics, "grpc_service") {
+            assert!(
+                service == "unknown" || real_services.contains(&service),
+                "{name} labels grpc_service={service:?}"
+            );
+        }
     }
 }
 

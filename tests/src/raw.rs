@@ -49,7 +49,7 @@ impl Decoder for RawCodec {
 /// Calls `path` (e.g. "/refsys.auth.v1.AuthService/SendCode") with `body` as the request bytes.
 pub async fn call(
     channel: Channel,
-    path: &'static str,
+    path: &str,
     body: Vec<u8>,
     bearer_token: Option<&str>,
 ) -> Result<Vec<u8>, Status> {
@@ -66,7 +66,8 @@ pub async fn call(
                 .map_err(|_| Status::invalid_argument("token"))?,
         );
     }
-    grpc.unary(request, PathAndQuery::from_static(path), RawCodec)
+    let path = PathAndQuery::try_from(path).map_err(|_| Status::invalid_argument("path"))?;
+    grpc.unary(request, path, RawCodec)
         .await
         .map(tonic::Response::into_inner)
 }
