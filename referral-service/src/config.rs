@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use service_kit::config::{ConfigError, ServerSettings, Settings, Source};
+use service_kit::config::{
+    ConfigError, ServerSettings, Settings, Source, check_secret_url, redact_url,
+};
+use sqlx::postgres::PgConnectOptions;
 
 use crate::storage::Bonuses;
 
@@ -29,10 +32,15 @@ impl Config {
         if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
             return Err(ConfigError::new(
                 "DATABASE_URL",
-                "<hidden>",
+                &redact_url(&database_url),
                 "expected a postgres:// URL",
             ));
         }
+        // Parsed here rather than at the first connection, so a bad URL is a config error at
+        // start (exit 2, one line) instead of a storage error later.
+        check_secret_url("DATABASE_URL", &database_url, "not a Postgres URL", |url| {
+            url.parse::<PgConnectOptions>().map(drop)
+        })?;
         Ok(Self {
             grpc_addr: settings.socket_addr("REFERRAL_GRPC_ADDR", "0.0.0.0:50052")?,
             database_url,
@@ -74,9 +82,31 @@ mod tests {
             ("RUN_MIGRATIONS", "perhaps"),
             ("AUTH_GRPC_URL", "auth:50051"),
             ("DATABASE_URL", "mysql://x"),
+            ("DATABASE_URL", "postgres://h:x/db"),
         ] {
             let err = Config::from_source(&Settings([(key, value)])).unwrap_err();
             assert_eq!(err.key, key);
         }
+    }
+
+    #[test]
+    fn a_bad_database_url_is_shown_without_its_password() {
+        for url in [
+            "postgres://u:s3cret@h:x/db",
+            "postgresql://u:s3cret@h:99999/db",
+            "postgres://u:s3cret@h/db?sslmode=sometimes",
+            "postgres://h/db?password=s3cret&sslmode=sometimes",
+            "mysql://u:s3cret@h/db",
+        ] {
+            let err = Config::from_source(&Settings([("DATABASE_URL", url)])).unwrap_err();
+            let line = err.to_string();
+            assert!(line.contains("DATABASE_URL="), "{line}");
+            assert!(!line.contains("s3cret"), "{line}");
+            assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+        }
+        let line = Config::from_source(&Settings([("DATABASE_URL", "postgres://u:s3cret@h:x/db")]))
+            .unwrap_err()
+            .to_string();
+        assert!(line.contains("postgres://u:***@h:x/db"), "{line}");
     }
 }

@@ -25,6 +25,95 @@ impl ConfigError {
     }
 }
 
+/// Stands in for a credential in what is shown.
+const MASK: &str = "***";
+
+/// `raw`, a URL or URL-like setting, with its credentials masked for display: the password of
+/// `scheme://user:password@host` becomes `***` (the user name stays: it helps and is not a
+/// secret), and so does the value of any `password=` parameter (`?password=`, `sslpassword=`).
+/// When the part before the host cannot be told apart for sure (an `@` after a `/`, `?` or
+/// `#`, as an unencoded password may hold them), everything between `://` and the last `@`
+/// becomes `***`: showing too little beats showing a password.
+pub fn redact_url(raw: &str) -> String {
+    let (scheme, rest) = match raw.find("://") {
+        Some(at) => raw.split_at(at + 3),
+        None => ("", raw),
+    };
+    let mut shown = String::with_capacity(raw.len());
+    shown.push_str(scheme);
+    match rest.rfind('@') {
+        None => shown.push_str(rest),
+        Some(last_at) if last_at < rest.find(['/', '?', '#']).unwrap_or(rest.len()) => {
+            let (userinfo, host) = rest.split_at(last_at);
+            match userinfo.split_once(':') {
+                Some((user, _password)) => {
+                    shown.push_str(user);
+                    shown.push(':');
+                    shown.push_str(MASK);
+                }
+                None => shown.push_str(userinfo),
+            }
+            shown.push_str(host);
+        }
+        Some(last_at) => {
+            shown.push_str(MASK);
+            shown.push_str(&rest[last_at..]);
+        }
+    }
+    mask_password_parameters(&shown)
+}
+
+/// Masks the value of every `password=` (any case), up to `&`, `;` or white space, or a quoted
+/// value up to its closing quote.
+fn mask_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    // ASCII lower-casing keeps every byte offset.
+    let lower = text.to_ascii_lowercase();
+    let mut shown = String::with_capacity(text.len());
+    let mut copied = 0;
+    while let Some(found) = lower[copied..].find(KEY) {
+        let value_start = copied + found + KEY.len();
+        let value = &text[value_start..];
+        let value_len = match value.chars().next() {
+            Some(quote @ ('\'' | '"')) => value[1..].find(quote).map_or(value.len(), |end| end + 2),
+            _ => value
+                .find(|c: char| c == '&' || c == ';' || c.is_whitespace())
+                .unwrap_or(value.len()),
+        };
+        shown.push_str(&text[copied..value_start]);
+        shown.push_str(MASK);
+        copied = value_start + value_len;
+    }
+    shown.push_str(&text[copied..]);
+    shown
+}
+
+/// Checks `raw`, a URL that may hold credentials, with `parse` (e.g. the Redis or Postgres
+/// client's own URL parser). On failure the error shows the value through [`redact_url`], and
+/// the parser's message only from a second run on that masked value: parsers quote their input,
+/// sometimes decoded, so a message about the real value could carry the password in a form no
+/// masking would recognise. If the masked value parses, the message is left out.
+pub fn check_secret_url<E: Display>(
+    key: &str,
+    raw: &str,
+    reason: &str,
+    parse: impl Fn(&str) -> Result<(), E>,
+) -> Result<(), ConfigError> {
+    let Err(err) = parse(raw) else {
+        return Ok(());
+    };
+    let shown = redact_url(raw);
+    let reason = if shown == raw {
+        format!("{reason}: {err}")
+    } else {
+        match parse(&shown) {
+            Err(err) => format!("{reason}: {err}"),
+            Ok(()) => reason.to_owned(),
+        }
+    };
+    Err(ConfigError::new(key, &shown, reason))
+}
+
 /// Where settings come from. The process environment in production; a map in tests, so
 /// configuration is testable without touching global state.
 pub trait Source {
@@ -156,7 +245,7 @@ impl<S: Source> Settings<S> {
             }
             _ => Err(ConfigError::new(
                 key,
-                &raw,
+                &redact_url(&raw),
                 "expected an http:// or https:// URL with a host",
             )),
         }
@@ -270,9 +359,133 @@ mod tests {
     }
 
     #[test]
+    fn credentials_in_urls_are_masked() {
+        for (raw, shown) in [
+            (
+                "redis://user:s3cret@host:6379/0",
+                "redis://user:***@host:6379/0",
+            ),
+            ("redis://:s3cret@host", "redis://:***@host"),
+            ("rediss://user:p@ss:w0rd@host", "rediss://user:***@host"),
+            (
+                "postgres://u:s3cret@h:x/db?sslmode=require",
+                "postgres://u:***@h:x/db?sslmode=require",
+            ),
+            // Lone user names stay; they are not secrets.
+            (
+                "postgres://postgres@127.0.0.1:5432/refsys",
+                "postgres://postgres@127.0.0.1:5432/refsys",
+            ),
+            ("http://127.0.0.1:50052", "http://127.0.0.1:50052"),
+            // Unencoded '/', '?' or '#' in the password: everything up to the last '@' goes.
+            ("redis://user:s3/cret@host", "redis://***@host"),
+            ("redis://user:s3?cret@host:1", "redis://***@host:1"),
+            ("redis://user:s3#cret@host", "redis://***@host"),
+            ("postgres://u:pw@h/db?x=a@b", "postgres://***@b"),
+            // No scheme at all.
+            ("u:s3cret@host:6379", "u:***@host:6379"),
+            ("s3:cr/et@host", "***@host"),
+            // Password parameters, in URLs and key=value strings.
+            (
+                "postgres://h/db?user=u&password=s3cret&sslmode=require",
+                "postgres://h/db?user=u&password=***&sslmode=require",
+            ),
+            (
+                "postgres://h/db?sslpassword=s3cret",
+                "postgres://h/db?sslpassword=***",
+            ),
+            (
+                "host=h PASSWORD=s3cret dbname=x",
+                "host=h PASSWORD=*** dbname=x",
+            ),
+            (
+                "host=h password='s3 cret' dbname=x",
+                "host=h password=*** dbname=x",
+            ),
+            ("password=s3cret", "password=***"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(raw), shown, "{raw:?}");
+        }
+    }
+
+    /// The worst parser: one that quotes its input.
+    fn quoting_parser(url: &str) -> Result<(), String> {
+        if url.contains("notaport") {
+            Err(format!("cannot parse {url:?}: invalid port"))
+        } else {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_url_with_a_password_is_never_shown_whole() {
+        let err = check_secret_url(
+            "REDIS_URL",
+            "redis://user:s3cret@host:notaport",
+            "not a Redis URL",
+            quoting_parser,
+        )
+        .unwrap_err();
+        let line = err.to_string();
+        assert_eq!(
+            line,
+            r#"invalid configuration: REDIS_URL="redis://user:***@host:notaport": not a Redis URL: cannot parse "redis://user:***@host:notaport": invalid port"#
+        );
+        assert!(!format!("{err:?}").contains("s3cret"));
+
+        // The message about the real value would quote the password decoded ("s3cret!" from
+        // "s3cret%21"), which masking the text could miss; only the masked run is quoted.
+        let decoding = |url: &str| -> Result<(), String> {
+            Err(format!("bad URL {}", url.replace("%21", "!")))
+        };
+        let line = check_secret_url("X_URL", "http://u:s3cret%21@h", "bad", decoding)
+            .unwrap_err()
+            .to_string();
+        assert!(!line.contains("s3cret"), "{line}");
+
+        // If the masked value parses, the message is left out rather than taken from the real one.
+        let picky = |url: &str| {
+            if url.contains("s3cret") {
+                Err(url.to_owned())
+            } else {
+                Ok(())
+            }
+        };
+        let line = check_secret_url("X_URL", "http://u:s3cret@h", "bad", picky)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            line,
+            r#"invalid configuration: X_URL="http://u:***@h": bad"#
+        );
+
+        // Nothing to mask: the parser's message is all there.
+        let line = check_secret_url(
+            "REDIS_URL",
+            "redis://host:notaport",
+            "not a Redis URL",
+            quoting_parser,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            line.contains(r#"cannot parse "redis://host:notaport""#),
+            "{line}"
+        );
+        assert_eq!(
+            check_secret_url("REDIS_URL", "redis://u:s3cret@h", "x", quoting_parser),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn urls_need_a_scheme_and_host() {
         let settings = Settings([("A", "127.0.0.1:50052"), ("B", "http://referral:50052")]);
         assert!(settings.url("A", "").is_err());
+        let with_password = Settings([("C", "referral:50052?password=s3cret")]);
+        let line = with_password.url("C", "").unwrap_err().to_string();
+        assert!(line.contains("C=") && !line.contains("s3cret"), "{line}");
         assert_eq!(
             settings.url("B", "").as_deref(),
             Ok("http://referral:50052")

@@ -12,7 +12,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{ConfigError, Settings, Source};
+use crate::config::{ConfigError, Settings, Source, redact_url};
 
 /// Quiet the chatty transport crates unless asked.
 const DEFAULT_FILTER: &str =
@@ -51,12 +51,32 @@ pub fn init<S: Source>(
         .with_service_name(service_name)
         .build();
     let mut provider = SdkTracerProvider::builder().with_resource(resource);
-    if settings.raw("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
-        // The exporter reads OTEL_EXPORTER_OTLP_* itself.
+    if let Some(endpoint) = settings.raw("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        // The exporter reads OTEL_EXPORTER_OTLP_* itself, and its error quotes the endpoint it
+        // used (this one or the traces-only one) whole, so it is shown only when neither holds
+        // credentials.
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()
-            .map_err(|err| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", "", err))?;
+            .map_err(|err| {
+                let quoted = [
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                ]
+                .map(|key| settings.raw(key).unwrap_or_default());
+                let reason = if quoted.iter().all(|url| redact_url(url) == *url) {
+                    err.to_string()
+                } else {
+                    "cannot build the OTLP exporter (its message is withheld: the endpoint holds \
+                     credentials)"
+                        .to_owned()
+                };
+                ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    &redact_url(&endpoint),
+                    reason,
+                )
+            })?;
         provider = provider.with_batch_exporter(exporter);
     }
     let provider = provider.build();

@@ -488,4 +488,40 @@ mod tests {
         assert_eq!(&Jwk::from_public_pem(&public).unwrap(), key.public_jwk());
         assert!(SigningKey::from_pkcs8_pem("hello").is_err());
     }
+
+    /// Key-file errors reach the start-up error line, so they must not quote what they read.
+    #[test]
+    fn key_errors_never_quote_the_key_material() {
+        let body = "MC4CAQAwBQYDK2VwBCIEIOs4Tw9KLxfqcg8IyJb4DqEjMDqkiq6pvqGz0KNNCjXl";
+        let pem = |label: &str, body: &str| {
+            format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+        };
+        // A private key with its last byte changed, one that is not base64, a private key where
+        // a public one belongs, and a key file that is not PEM at all.
+        let corrupted = STANDARD.encode(
+            STANDARD
+                .decode(body)
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, b)| if i == 2 { b ^ 0xff } else { *b })
+                .collect::<Vec<u8>>(),
+        );
+        let errors = [
+            SigningKey::from_pkcs8_pem(&pem("PRIVATE KEY", &corrupted)).map(|_| ()),
+            SigningKey::from_pkcs8_pem(&pem("PRIVATE KEY", "s3cret!material")).map(|_| ()),
+            Jwk::from_public_pem(&pem("PUBLIC KEY", body)).map(|_| ()),
+            SigningKey::from_pkcs8_pem(body).map(|_| ()),
+        ];
+        for (n, result) in errors.into_iter().enumerate() {
+            let shown = format!("{} {:?}", result.as_ref().unwrap_err(), result);
+            for secret in [body, &corrupted, "s3cret!material"] {
+                let quoted = secret
+                    .as_bytes()
+                    .windows(8)
+                    .any(|window| shown.contains(std::str::from_utf8(window).unwrap()));
+                assert!(!quoted, "error {n} quotes key material: {shown}");
+            }
+        }
+    }
 }

@@ -95,6 +95,48 @@ async fn a_bad_setting_exits_2_with_one_clear_line() {
     }
 }
 
+/// Start-up errors end up in log collectors: a URL's password must not be in them.
+#[tokio::test]
+async fn a_bad_url_with_a_password_exits_2_without_showing_it() {
+    for (binary, key, value) in [
+        (
+            "auth-service",
+            "REDIS_URL",
+            "redis://user:s3cret@host:notaport",
+        ),
+        (
+            "referral-service",
+            "DATABASE_URL",
+            "postgres://u:s3cret@h:x/db",
+        ),
+        (
+            "referral-service",
+            "DATABASE_URL",
+            "postgres://u:s3cret@h/db?sslmode=sometimes",
+        ),
+        (
+            "referral-service",
+            "AUTH_GRPC_URL",
+            "ftp://u:s3cret@auth:50051",
+        ),
+        (
+            "auth-service",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://u:s3cret@coll ector:4317",
+        ),
+    ] {
+        let (status, output) = run_to_exit(binary, &[(key, value)], &[]).await;
+        assert_eq!(status.code(), Some(2), "{binary} {key}: {output}");
+        let lines: Vec<_> = output.lines().filter(|l| l.contains(key)).collect();
+        assert_eq!(lines.len(), 1, "{binary}: one line names {key}: {output}");
+        assert!(lines[0].contains("***"), "{binary}: {output}");
+        assert!(
+            !output.contains("s3cret"),
+            "{binary} prints the password of {key}: {output}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sigterm_reports_not_serving_then_exits_0() {
     let mut stack = Stack::start().await;

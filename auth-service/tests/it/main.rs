@@ -1,6 +1,7 @@
 //! Integration tests of auth-service against the real Redis (`REDIS_URL`, default
 //! redis://127.0.0.1:6379). Every test uses its own random key prefix.
 
+mod config;
 mod grpc;
 mod otp_store;
 mod outage;
