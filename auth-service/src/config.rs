@@ -13,7 +13,9 @@
 //! | `JWT_ISSUER` | `refsys-auth` | `iss` of minted tokens |
 //! | `JWT_AUDIENCE` | `refsys` | `aud` of access tokens |
 //! | `ACCESS_TOKEN_TTL_SECONDS` | `900` | 60..=86400 |
-//! | `REFRESH_TOKEN_TTL_SECONDS` | `2592000` (30 days) | 60..=31536000 |
+//! | `REFRESH_TOKEN_TTL_SECONDS` | `2592000` (30 days) | one refresh token's life, 60..=31536000 |
+//! | `REFRESH_TOKEN_MAX_LIFETIME_SECONDS` | `7776000` (90 days) | a session's absolute end after sign-in, 60..=63072000 |
+//! | `REFRESH_REUSE_GRACE_SECONDS` | `10` | a just-rotated token replays its rotation this long, 0..=300 |
 //! | `OTP_LENGTH` | `4` | digits per code, 4..=8 |
 //! | `OTP_TTL_SECONDS` | `300` | how long a code is accepted, 10..=3600 |
 //! | `OTP_MAX_ATTEMPTS` | `5` | wrong tries that burn a code, 1..=20 |
@@ -56,6 +58,7 @@ use crate::sms::{DEFAULT_TEMPLATE, TwilioSettings};
 use crate::store::DEFAULT_KEY_PREFIX;
 use crate::store::fraud::{FraudMode, FraudSettings};
 use crate::store::otp::OtpLimits;
+use crate::store::refresh::SessionLimits;
 
 /// Which SMS provider delivers codes.
 #[derive(Debug, Clone)]
@@ -77,7 +80,9 @@ pub struct AuthConfig {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub access_token_ttl: Duration,
-    pub refresh_token_ttl: Duration,
+    /// `REFRESH_TOKEN_TTL_SECONDS`, `REFRESH_TOKEN_MAX_LIFETIME_SECONDS`,
+    /// `REFRESH_REUSE_GRACE_SECONDS`.
+    pub sessions: SessionLimits,
     pub code_length: CodeLength,
     /// `OTP_TTL_SECONDS`, `OTP_MAX_ATTEMPTS`, `OTP_RESEND_COOLDOWN_SECONDS`, the send budgets
     /// and the failure caps.
@@ -289,7 +294,16 @@ impl AuthConfig {
             jwt_issuer: non_empty(&s, "JWT_ISSUER", "refsys-auth"),
             jwt_audience: non_empty(&s, "JWT_AUDIENCE", "refsys"),
             access_token_ttl: secs(&s, "ACCESS_TOKEN_TTL_SECONDS", 900, 60..=86_400)?,
-            refresh_token_ttl: secs(&s, "REFRESH_TOKEN_TTL_SECONDS", 2_592_000, 60..=31_536_000)?,
+            sessions: SessionLimits {
+                token_ttl: secs(&s, "REFRESH_TOKEN_TTL_SECONDS", 2_592_000, 60..=31_536_000)?,
+                max_lifetime: secs(
+                    &s,
+                    "REFRESH_TOKEN_MAX_LIFETIME_SECONDS",
+                    7_776_000,
+                    60..=63_072_000,
+                )?,
+                reuse_grace: secs(&s, "REFRESH_REUSE_GRACE_SECONDS", 10, 0..=300)?,
+            },
             code_length,
             otp_limits,
             sms_policy,
@@ -355,7 +369,9 @@ mod tests {
         assert!(c.jwt_signing_key_file.is_none());
         assert!(c.jwt_previous_public_keys.is_empty());
         assert_eq!(c.access_token_ttl, Duration::from_secs(900));
-        assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(c.sessions.token_ttl, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(c.sessions.max_lifetime, Duration::from_secs(90 * 24 * 3600));
+        assert_eq!(c.sessions.reuse_grace, Duration::from_secs(10));
         assert_eq!(c.code_length.get(), 4);
         let l = &c.otp_limits;
         assert_eq!(l.code_ttl, Duration::from_secs(300));
@@ -472,6 +488,8 @@ mod tests {
             ("SMS_FRAUD_MIN_CONVERSION", "1.5"),
             ("SMS_FRAUD_BLOCK_SECONDS", "1"),
             ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "0"),
+            ("REFRESH_TOKEN_MAX_LIFETIME_SECONDS", "10"),
+            ("REFRESH_REUSE_GRACE_SECONDS", "301"),
             ("OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY", "0"),
             ("TEST_PHONE_NUMBERS", "+79990000001"),
         ] {

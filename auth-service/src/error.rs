@@ -160,6 +160,15 @@ pub enum AuthError {
     /// The refresh token was already rotated; its family has been revoked.
     #[error("refresh token reused; its family was revoked")]
     RefreshTokenReused,
+    /// No valid access token, or a session that cannot go on; the text is shown to the caller.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    /// A valid token without the right to do this; the text is shown to the caller.
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
+    /// The caller has no such thing; the text is shown to the caller.
+    #[error("not found: {0}")]
+    NotFound(&'static str),
     /// A dependency did not answer. `detail` is logged, never sent to the caller.
     #[error("{} unavailable: {detail}", dependency.as_str())]
     Unavailable {
@@ -228,6 +237,9 @@ impl From<AuthError> for Status {
             AuthError::RefreshTokenReused => Status::unauthenticated(
                 "refresh token was already used; every token of its sign-in has been revoked",
             ),
+            AuthError::Unauthenticated(message) => Status::unauthenticated(message),
+            AuthError::PermissionDenied(message) => Status::permission_denied(message),
+            AuthError::NotFound(message) => Status::not_found(message),
             AuthError::Unavailable { dependency, detail } => {
                 tracing::warn!(dependency = dependency.as_str(), error = %detail, "dependency unavailable");
                 Status::unavailable(format!("{} is unavailable; try again", dependency.as_str()))
@@ -314,9 +326,18 @@ mod tests {
             AuthError::CodeRejected(Rejection::Wrong),
             AuthError::InvalidRefreshToken,
             AuthError::RefreshTokenReused,
+            AuthError::Unauthenticated("no token"),
         ] {
             assert_eq!(Status::from(err).code(), Code::Unauthenticated);
         }
+        assert_eq!(
+            Status::from(AuthError::PermissionDenied("admin only")).code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            Status::from(AuthError::NotFound("no such session")).code(),
+            Code::NotFound
+        );
         let status = Status::from(AuthError::unavailable(
             Dependency::Redis,
             "connection refused 10.0.0.7",

@@ -19,7 +19,9 @@ use crate::policy::{SmsPolicy, TestNumbers};
 use crate::sms::SmsSender;
 use crate::store::fraud::RegionStanding;
 use crate::store::otp::{SendAdmission, VerifyOutcome};
-use crate::store::refresh::{FamilyOwner, IssuedRefreshToken, RefreshToken, RotateOutcome};
+use crate::store::refresh::{
+    FamilyOwner, IssuedRefreshToken, RefreshToken, RotateOutcome, valid_session_id,
+};
 use crate::store::{OtpStore, RefreshStore};
 use crate::tokens::{Clock, TokenIssuer};
 
@@ -254,7 +256,9 @@ impl AuthHandler {
         };
 
         // Until the code is consumed, any failure gives it back so a retry can use it.
-        let signed_in = self.sign_in(&phone, invite_code, caller_timeout).await;
+        let signed_in = self
+            .sign_in(&phone, &client, invite_code, caller_timeout)
+            .await;
         let (user, refresh) = match (signed_in, claim) {
             (Ok(done), None) => done,
             (Ok(done), Some(claim)) => {
@@ -281,8 +285,14 @@ impl AuthHandler {
             }
         };
 
-        let access = self.issuer.access_token(&user.user_id, &user.roles)?;
         let now = self.clock.now();
+        let access = self.issuer.session_access_token(
+            &user.user_id,
+            &user.roles,
+            &refresh.session_id,
+            now,
+            uuid::Uuid::new_v4().to_string(),
+        )?;
         let outcome = outcome_of(user.invite_code_outcome);
         tracing::info!(phone = %phone.masked(), user_id = %user.user_id, new_user = user.created, "signed in");
         Ok(pb::VerifyCodeResponse {
@@ -291,16 +301,17 @@ impl AuthHandler {
             access_token: access.token,
             access_token_expire_time: Some(timestamp(access.expires_at)),
             refresh_token: refresh.token.expose().to_owned(),
-            refresh_token_expire_time: Some(timestamp(now + refresh.ttl)),
+            refresh_token_expire_time: Some(timestamp(refresh.expires_at)),
             invite_code_applied: outcome == pb::InviteCodeOutcome::Applied,
             invite_code_outcome: outcome.into(),
         })
     }
 
-    /// The user behind the phone (created on first sign-in) and a new refresh-token family.
+    /// The user behind the phone (created on first sign-in) and a new session.
     async fn sign_in(
         &self,
         phone: &PhoneNumber,
+        client: &ClientId,
         invite_code: Option<String>,
         caller_timeout: Option<Duration>,
     ) -> Result<(EnsuredUser, IssuedRefreshToken), AuthError> {
@@ -312,8 +323,122 @@ impl AuthHandler {
             user_id: user.user_id.clone(),
             roles: user.roles.clone(),
         };
-        let refresh = self.refresh.create_family(&owner).await?;
+        let refresh = self
+            .refresh
+            .create_family(&owner, &client.to_string(), self.clock.now())
+            .await?;
         Ok((user, refresh))
+    }
+
+    /// The claims of the Bearer access token of `request`: the signed-in caller.
+    fn caller<T>(&self, request: &Request<T>) -> Result<service_kit::tokens::Claims, AuthError> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(AuthError::Unauthenticated(
+                "this RPC needs \"authorization: Bearer <access token>\"",
+            ))?;
+        (token.len() <= MAX_TOKEN_BYTES)
+            .then(|| self.issuer.introspect(token))
+            .flatten()
+            .map(|verified| verified.claims)
+            .ok_or(AuthError::Unauthenticated(
+                "the access token is invalid or expired",
+            ))
+    }
+
+    async fn refresh(
+        &self,
+        presented: RefreshToken,
+        caller_timeout: Option<Duration>,
+    ) -> Result<pb::RefreshTokensResponse, AuthError> {
+        let Some(found) = self.refresh.peek(&presented).await? else {
+            return Err(AuthError::InvalidRefreshToken);
+        };
+        // The access token carries the user's roles as they are now, read before anything
+        // changes: if referral-service cannot answer, the session is left exactly as it was.
+        let roles = if found.current {
+            match self
+                .directory
+                .live_roles(&found.user_id, caller_timeout)
+                .await?
+            {
+                Some(roles) => roles,
+                None => {
+                    self.refresh
+                        .revoke_session(&found.user_id, &found.session_id)
+                        .await?;
+                    return Err(AuthError::Unauthenticated(
+                        "the account of this session no longer exists",
+                    ));
+                }
+            }
+        } else {
+            // Not current: a replay within the grace window reuses the roles of the first
+            // rotation, anything else revokes or fails without looking at roles.
+            Vec::new()
+        };
+        let rotation = match self
+            .refresh
+            .rotate(&presented, &found.session_id, &roles, self.clock.now())
+            .await?
+        {
+            RotateOutcome::Rotated(rotation) => rotation,
+            RotateOutcome::Reused => {
+                metrics::REFRESH_REUSE.inc();
+                tracing::warn!(
+                    user_id = %found.user_id,
+                    "an already-rotated refresh token was presented after the grace window; its session is revoked"
+                );
+                return Err(AuthError::RefreshTokenReused);
+            }
+            RotateOutcome::LifetimeOver => {
+                return Err(AuthError::Unauthenticated(
+                    "this session reached its maximum lifetime; sign in again",
+                ));
+            }
+            RotateOutcome::Invalid => return Err(AuthError::InvalidRefreshToken),
+        };
+        if rotation.replayed {
+            metrics::REFRESH_REPLAYED.inc();
+        } else {
+            metrics::REFRESH_ROTATED.inc();
+        }
+        let access = self.issuer.session_access_token(
+            &rotation.owner.user_id,
+            &rotation.owner.roles,
+            &rotation.session_id,
+            rotation.rotated_at,
+            self.refresh.token_id(&rotation.token),
+        )?;
+        Ok(pb::RefreshTokensResponse {
+            access_token: access.token,
+            access_token_expire_time: Some(timestamp(access.expires_at)),
+            refresh_token: rotation.token.expose().to_owned(),
+            refresh_token_expire_time: Some(timestamp(rotation.expires_at)),
+        })
+    }
+
+    /// Whose sessions a RevokeAllSessions names: the caller's, or with the admin role anyone's.
+    fn sessions_owner(
+        claims: &service_kit::tokens::Claims,
+        requested: &str,
+    ) -> Result<String, AuthError> {
+        let requested = requested.trim();
+        if requested.is_empty() || requested == claims.sub {
+            return Ok(claims.sub.clone());
+        }
+        if !claims.has_role(service_kit::tokens::ADMIN_ROLE) {
+            return Err(AuthError::PermissionDenied(
+                "only an admin may end another user's sessions",
+            ));
+        }
+        uuid::Uuid::parse_str(requested)
+            .map(|id| id.to_string())
+            .map_err(|_| AuthError::invalid("user_id", "expected a user id (UUID)"))
     }
 
     fn parse_refresh_token(input: &str) -> Result<RefreshToken, AuthError> {
@@ -335,6 +460,96 @@ fn verification_label(result: &Result<pb::VerifyCodeResponse, AuthError>) -> &'s
 
 #[tonic::async_trait]
 impl AuthService for AuthHandler {
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let claims = self.caller(&request)?;
+        let sessions = self
+            .refresh
+            .sessions(&claims.sub)
+            .await
+            .map_err(AuthError::from)?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions
+                .into_iter()
+                .map(|session| pb::Session {
+                    current: claims.sid.as_deref() == Some(session.session_id.as_str()),
+                    session_id: session.session_id,
+                    create_time: Some(timestamp(session.created_at)),
+                    last_refresh_time: Some(timestamp(session.last_refresh_at)),
+                    expire_time: Some(timestamp(session.expires_at)),
+                    client_address: session.client,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let claims = self.caller(&request)?;
+        let session_id = request.get_ref().session_id.trim();
+        if !valid_session_id(session_id) {
+            return Err(
+                AuthError::invalid("session_id", "not a session id from ListSessions").into(),
+            );
+        }
+        if !self
+            .refresh
+            .revoke_session(&claims.sub, session_id)
+            .await
+            .map_err(AuthError::from)?
+        {
+            return Err(AuthError::NotFound("you have no session with this id").into());
+        }
+        metrics::SESSIONS_REVOKED.inc();
+        Ok(Response::new(pb::RevokeSessionResponse {}))
+    }
+
+    async fn revoke_all_sessions(
+        &self,
+        request: Request<pb::RevokeAllSessionsRequest>,
+    ) -> Result<Response<pb::RevokeAllSessionsResponse>, Status> {
+        let claims = self.caller(&request)?;
+        let owner = Self::sessions_owner(&claims, &request.get_ref().user_id)?;
+        let revoked = self
+            .refresh
+            .revoke_all(&owner)
+            .await
+            .map_err(AuthError::from)?;
+        metrics::SESSIONS_REVOKED.inc_by(u64::from(revoked));
+        if owner != claims.sub {
+            tracing::warn!(admin = %claims.sub, user_id = %owner, revoked, "an admin ended every session of a user");
+        }
+        Ok(Response::new(pb::RevokeAllSessionsResponse {
+            revoked_count: i32::try_from(revoked).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
+        let claims = self.caller(&request)?;
+        let caller_timeout = service_kit::deadline::requested_timeout(request.metadata());
+        // Erase first, then end the sessions: if either step fails the caller retries with the
+        // same access token, and each step is idempotent. Sessions that survive a failure die
+        // at their next refresh, which finds the account gone.
+        self.directory
+            .delete_user(&claims.sub, caller_timeout)
+            .await?;
+        let revoked = self
+            .refresh
+            .revoke_all(&claims.sub)
+            .await
+            .map_err(AuthError::from)?;
+        metrics::ACCOUNTS_DELETED.inc();
+        tracing::info!(user_id = %claims.sub, revoked, "account deleted");
+        Ok(Response::new(pb::DeleteAccountResponse {}))
+    }
+
     async fn send_code(
         &self,
         request: Request<pb::SendCodeRequest>,
@@ -377,31 +592,11 @@ impl AuthService for AuthHandler {
         &self,
         request: Request<pb::RefreshTokensRequest>,
     ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
+        let caller_timeout = service_kit::deadline::requested_timeout(request.metadata());
         let presented = Self::parse_refresh_token(&request.get_ref().refresh_token)?;
-        let (owner, token) = match self
-            .refresh
-            .rotate(&presented)
-            .await
-            .map_err(AuthError::from)?
-        {
-            RotateOutcome::Rotated { owner, token } => (owner, token),
-            RotateOutcome::Reused => {
-                metrics::REFRESH_REUSE.inc();
-                tracing::warn!(
-                    "an already-rotated refresh token was presented; its family is revoked"
-                );
-                return Err(AuthError::RefreshTokenReused.into());
-            }
-            RotateOutcome::Invalid => return Err(AuthError::InvalidRefreshToken.into()),
-        };
-        metrics::REFRESH_ROTATED.inc();
-        let access = self.issuer.access_token(&owner.user_id, &owner.roles)?;
-        Ok(Response::new(pb::RefreshTokensResponse {
-            access_token: access.token,
-            access_token_expire_time: Some(timestamp(access.expires_at)),
-            refresh_token: token.token.expose().to_owned(),
-            refresh_token_expire_time: Some(timestamp(self.clock.now() + token.ttl)),
-        }))
+        Ok(Response::new(
+            self.refresh(presented, caller_timeout).await?,
+        ))
     }
 
     async fn revoke_token(

@@ -30,6 +30,7 @@ use tonic::server::NamedService;
 
 use crate::config::{AuthConfig, SmsProvider};
 use crate::sms::{LogSender, SmsSender, TwilioSender};
+use crate::store::refresh::SuccessorKey;
 use crate::store::{OtpStore, RefreshStore, StoreError};
 use crate::tokens::{Clock, SystemClock, TokenIssuer};
 
@@ -121,7 +122,8 @@ pub async fn serve(
         refresh: RefreshStore::new(
             conn.clone(),
             config.redis_key_prefix.clone(),
-            config.refresh_token_ttl,
+            config.sessions,
+            SuccessorKey::new(pepper.derive_key(b"refsys-refresh-successor-key-v1")),
             REDIS_TIMEOUT,
         ),
         sms,

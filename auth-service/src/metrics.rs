@@ -79,6 +79,25 @@ pub static TEST_NUMBER_USES: LazyLock<LabelledCounter> = LazyLock::new(|| {
     )
 });
 
+pub static REFRESH_REPLAYED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "refsys_refresh_tokens_replayed_total",
+        "Retried refreshes within REFRESH_REUSE_GRACE_SECONDS answered with the same pair.",
+    )
+});
+pub static SESSIONS_REVOKED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "refsys_sessions_revoked_total",
+        "Sessions ended through RevokeSession or RevokeAllSessions.",
+    )
+});
+pub static ACCOUNTS_DELETED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "refsys_accounts_deleted_total",
+        "Accounts deleted through DeleteAccount.",
+    )
+});
+
 /// Registers every counter, so each shows (as 0) before its first event.
 pub fn register() {
     LazyLock::force(&CODES_SENT);
@@ -92,4 +111,7 @@ pub fn register() {
     LazyLock::force(&REGION_VERIFICATIONS);
     LazyLock::force(&FRAUD_SUSPECTED);
     LazyLock::force(&TEST_NUMBER_USES);
+    LazyLock::force(&REFRESH_REPLAYED);
+    LazyLock::force(&SESSIONS_REVOKED);
+    LazyLock::force(&ACCOUNTS_DELETED);
 }

@@ -117,6 +117,17 @@ impl Pepper {
     }
 }
 
+impl Pepper {
+    /// A 32-byte key for another purpose, derived from the pepper: HMAC-SHA256(pepper, label).
+    /// One secret to manage, and keys for different purposes never coincide.
+    pub fn derive_key(&self, label: &[u8]) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.0.expose_secret())
+            .expect("HMAC accepts keys of any length");
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+}
+
 impl fmt::Debug for Pepper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Pepper(<redacted>)")

@@ -111,6 +111,7 @@ impl TokenIssuer {
             jti: uuid::Uuid::new_v4().to_string(),
             roles: Vec::new(),
             scope: None,
+            sid: None,
         };
         (claims, expires_at)
     }
@@ -119,6 +120,34 @@ impl TokenIssuer {
     pub fn access_token(&self, user_id: &str, roles: &[String]) -> Result<AccessToken, AuthError> {
         let (mut claims, expires_at) = self.claims(user_id, &self.audience, self.access_ttl);
         claims.roles = roles.to_vec();
+        let token = self.signing.sign(&claims).map_err(AuthError::internal)?;
+        Ok(AccessToken { token, expires_at })
+    }
+
+    /// A user's access token for session `sid`, issued at `issued_at` with the id `jti`. The
+    /// same arguments give the same token (Ed25519 signatures are deterministic): that is how a
+    /// retried refresh gets the very pair its first attempt got.
+    pub fn session_access_token(
+        &self,
+        user_id: &str,
+        roles: &[String],
+        sid: &str,
+        issued_at: SystemTime,
+        jti: String,
+    ) -> Result<AccessToken, AuthError> {
+        let issued = unix_seconds(issued_at);
+        let expires_at = UNIX_EPOCH + Duration::from_secs(issued) + self.access_ttl;
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: user_id.to_owned(),
+            exp: unix_seconds(expires_at),
+            iat: issued,
+            jti,
+            roles: roles.to_vec(),
+            scope: None,
+            sid: Some(sid.to_owned()),
+        };
         let token = self.signing.sign(&claims).map_err(AuthError::internal)?;
         Ok(AccessToken { token, expires_at })
     }
@@ -167,6 +196,38 @@ mod tests {
             Duration::from_secs(900),
             clock,
         )
+    }
+
+    #[test]
+    fn session_tokens_are_deterministic_and_carry_the_session() {
+        let issuer = TokenIssuer::new(
+            SigningKey::generate(),
+            Vec::new(),
+            "refsys-auth",
+            "refsys",
+            Duration::from_secs(900),
+            Arc::new(FixedClock(UNIX_EPOCH + Duration::from_secs(1_800_000_000))),
+        );
+        let at = UNIX_EPOCH + Duration::from_millis(1_800_000_123_456);
+        let roles = vec!["admin".to_owned()];
+        let a = issuer
+            .session_access_token("u1", &roles, "s1", at, "j1".into())
+            .unwrap();
+        let b = issuer
+            .session_access_token("u1", &roles, "s1", at, "j1".into())
+            .unwrap();
+        assert_eq!(a.token, b.token);
+        assert_eq!(
+            a.expires_at,
+            UNIX_EPOCH + Duration::from_secs(1_800_000_123 + 900)
+        );
+        let claims = issuer.introspect(&a.token).unwrap().claims;
+        assert_eq!(claims.sid.as_deref(), Some("s1"));
+        assert_eq!(claims.iat, 1_800_000_123);
+        let other = issuer
+            .session_access_token("u1", &roles, "s1", at, "j2".into())
+            .unwrap();
+        assert_ne!(a.token, other.token);
     }
 
     #[test]

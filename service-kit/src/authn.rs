@@ -291,6 +291,7 @@ mod tests {
             jti: "j".into(),
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             scope: scope.map(str::to_owned),
+            sid: None,
         }
     }
 
@@ -392,6 +393,30 @@ mod tests {
                 &self,
                 _: Request<pb::IntrospectTokenRequest>,
             ) -> Result<Response<pb::IntrospectTokenResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn list_sessions(
+                &self,
+                _: Request<pb::ListSessionsRequest>,
+            ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn revoke_session(
+                &self,
+                _: Request<pb::RevokeSessionRequest>,
+            ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn revoke_all_sessions(
+                &self,
+                _: Request<pb::RevokeAllSessionsRequest>,
+            ) -> Result<Response<pb::RevokeAllSessionsResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
+            async fn delete_account(
+                &self,
+                _: Request<pb::DeleteAccountRequest>,
+            ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
                 Err(Status::unimplemented("keys only"))
             }
             async fn get_jwks(

@@ -20,6 +20,10 @@ pub const ADMIN_ROLE: &str = "admin";
 pub const REFERRAL_SERVICE_AUDIENCE: &str = "referral-service";
 /// Scope a service token needs for `UserDirectory.EnsureUser`.
 pub const ENSURE_USER_SCOPE: &str = "referral.users.ensure";
+/// Scope a service token needs for `UserDirectory.LookupUser` (live roles at refresh).
+pub const LOOKUP_USER_SCOPE: &str = "referral.users.read";
+/// Scope a service token needs for `UserDirectory.DeleteUser`.
+pub const DELETE_USER_SCOPE: &str = "referral.users.delete";
 
 /// The claims of every refsys token. User tokens carry `roles`; service tokens carry `scope`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +38,10 @@ pub struct Claims {
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// The session (refresh-token family) a user token was minted for, so the holder's own
+    /// session can be told apart in `ListSessions`. Random, unrelated to the refresh token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 impl Claims {
@@ -377,6 +385,7 @@ mod tests {
             jti: "j1".into(),
             roles: vec![],
             scope: None,
+            sid: None,
         }
     }
 

@@ -86,6 +86,7 @@ fn user_claims(sub: &str, roles: &[&str]) -> Claims {
         jti: uuid::Uuid::now_v7().to_string(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
         scope: None,
+        sid: None,
     }
 }
 
@@ -95,6 +96,7 @@ fn service_claims(scope: &str) -> Claims {
         sub: "auth-service".into(),
         roles: Vec::new(),
         scope: Some(scope.into()),
+        sid: None,
         ..user_claims("auth-service", &[])
     }
 }

@@ -31,6 +31,7 @@ fn as_user<T>(user: &UserRecord, message: T) -> Request<T> {
             jti: "test".into(),
             roles: Vec::new(),
             scope: None,
+            sid: None,
         },
     });
     request
