@@ -527,7 +527,7 @@ impl RefreshStore {
                     }
                 }
             }
-            sessions.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            sessions.sort_by_key(|session| std::cmp::Reverse(session.created_at));
             Ok(sessions)
         })
         .await
