@@ -4,13 +4,15 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use auth_service::config::AuthConfig;
+use auth_service::error::{CODE_REJECTED, ERROR_DOMAIN};
 use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
 use refsys_proto::auth::v1::{
     IntrospectTokenRequest, RefreshTokensRequest, RevokeTokenRequest, SendCodeRequest,
-    VerifyCodeRequest, VerifyCodeResponse,
+    SendCodeResponse, VerifyCodeRequest, VerifyCodeResponse,
 };
 use refsys_proto::referral::v1::user_directory_server::{UserDirectory, UserDirectoryServer};
 use refsys_proto::referral::v1::{EnsureUserRequest, EnsureUserResponse, InviteCodeOutcome};
@@ -35,11 +37,43 @@ fn user_id_of(phone: &str) -> String {
 #[derive(Default)]
 struct StubDirectory {
     down: AtomicBool,
+    /// Refuse every number with INVALID_ARGUMENT, as a referral-service whose validator is
+    /// stricter than auth-service's would.
+    refuse_number: AtomicBool,
+    /// Milliseconds to wait before answering.
+    delay_ms: AtomicU64,
     calls: AtomicUsize,
 }
 
 #[tonic::async_trait]
 impl UserDirectory for StubDirectory {
+    async fn lookup_user(
+        &self,
+        request: Request<refsys_proto::referral::v1::LookupUserRequest>,
+    ) -> Result<Response<refsys_proto::referral::v1::LookupUserResponse>, Status> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("database down"));
+        }
+        Ok(Response::new(
+            refsys_proto::referral::v1::LookupUserResponse {
+                user_id: request.into_inner().user_id,
+                roles: vec!["admin".to_owned()],
+            },
+        ))
+    }
+
+    async fn delete_user(
+        &self,
+        _request: Request<refsys_proto::referral::v1::DeleteUserRequest>,
+    ) -> Result<Response<refsys_proto::referral::v1::DeleteUserResponse>, Status> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("database down"));
+        }
+        Ok(Response::new(
+            refsys_proto::referral::v1::DeleteUserResponse { deleted: true },
+        ))
+    }
+
     async fn ensure_user(
         &self,
         request: Request<EnsureUserRequest>,
@@ -53,8 +87,15 @@ impl UserDirectory for StubDirectory {
         if !bearer.starts_with("Bearer ") {
             return Err(Status::unauthenticated("no service token"));
         }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(Status::unavailable("database down"));
+        }
+        if self.refuse_number.load(Ordering::SeqCst) {
+            return Err(Status::invalid_argument("invalid phone_number"));
         }
         let phone = &request.get_ref().phone_number;
         Ok(Response::new(EnsureUserResponse {
@@ -183,6 +224,76 @@ impl Harness {
             .map(Response::into_inner)
     }
 
+    /// How many SMS the provider was asked to send to `phone` (E.164), answered or not.
+    async fn sms_to(&self, phone: &str) -> usize {
+        let encoded = format!("To={}&", phone.replace('+', "%2B"));
+        self.sms
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| format!("{}&", String::from_utf8_lossy(&r.body)).contains(&encoded))
+            .count()
+    }
+
+    /// Makes the provider hang (10 s, longer than any deadline here) on the next SMS to `phone`;
+    /// later ones are answered as usual.
+    async fn hang_once(&self, phone: &str) {
+        Mock::given(method("POST"))
+            .and(body_string_contains(format!(
+                "To={}",
+                phone.replace('+', "%2B")
+            )))
+            .respond_with(
+                ResponseTemplate::new(201)
+                    .set_body_string("{}")
+                    .set_delay(Duration::from_secs(10)),
+            )
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&self.sms)
+            .await;
+    }
+
+    /// SendCode as relayed by proxies that wrote `forwarded` (one `x-forwarded-for` header per
+    /// element).
+    async fn send_from(
+        &mut self,
+        phone: &str,
+        forwarded: &[&str],
+    ) -> Result<SendCodeResponse, Status> {
+        let request = with_forwarded(
+            SendCodeRequest {
+                phone_number: phone.to_owned(),
+            },
+            forwarded,
+        );
+        self.client
+            .send_code(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    async fn verify_from(
+        &mut self,
+        phone: &str,
+        code: &str,
+        forwarded: &[&str],
+    ) -> Result<VerifyCodeResponse, Status> {
+        let request = with_forwarded(
+            VerifyCodeRequest {
+                phone_number: phone.to_owned(),
+                code: code.to_owned(),
+                invite_code: None,
+            },
+            forwarded,
+        );
+        self.client
+            .verify_code(request)
+            .await
+            .map(Response::into_inner)
+    }
+
     async fn refresh(&mut self, token: &str) -> Result<String, Status> {
         self.client
             .refresh_tokens(RefreshTokensRequest {
@@ -190,6 +301,43 @@ impl Harness {
             })
             .await
             .map(|r| r.into_inner().refresh_token)
+    }
+}
+
+fn with_forwarded<T>(message: T, forwarded: &[&str]) -> Request<T> {
+    let mut request = Request::new(message);
+    for value in forwarded {
+        request
+            .metadata_mut()
+            .append("x-forwarded-for", value.parse().unwrap());
+    }
+    request
+}
+
+/// A code surely different from `code`.
+fn wrong(code: &str) -> String {
+    code.chars()
+        .map(|c| if c == '0' { '1' } else { '0' })
+        .collect()
+}
+
+/// Asserts `status` is `code` with an auth.refsys ErrorInfo naming `reason`, and for
+/// RESOURCE_EXHAUSTED a RetryInfo; returns the retry delay (zero without one).
+#[track_caller]
+fn assert_refused(status: &Status, code: Code, reason: &str) -> Duration {
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, ERROR_DOMAIN);
+    if code == Code::ResourceExhausted {
+        status
+            .get_details_retry_info()
+            .and_then(|retry| retry.retry_delay)
+            .unwrap_or_else(|| panic!("no RetryInfo: {status:?}"))
+    } else {
+        Duration::ZERO
     }
 }
 
@@ -400,7 +548,8 @@ impl std::io::Write for Sink {
 #[tokio::test]
 async fn nothing_secret_is_logged() {
     let logs = captured_logs();
-    let mut h = Harness::start(&[("OTP_LENGTH", "8")]).await;
+    // No grace window: the second refresh below is reuse, whose warning is logged too.
+    let mut h = Harness::start(&[("OTP_LENGTH", "8"), ("REFRESH_REUSE_GRACE_SECONDS", "0")]).await;
     let phone = "+79601234567";
     h.send(phone).await.unwrap();
     let code = h.latest_code(phone).await;
@@ -428,4 +577,385 @@ async fn nothing_secret_is_logged() {
     ] {
         assert!(!logs.contains(secret), "{secret} was logged:\n{logs}");
     }
+}
+
+#[tokio::test]
+async fn premium_rate_and_fixed_lines_are_refused_before_anything_is_counted_or_sent() {
+    // One send per client and hour: had a refusal counted, the last send would be refused.
+    let mut h = Harness::start(&[("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "1")]).await;
+    for (typed, e164) in [
+        ("+44 909 879 0000", "+449098790000"), // GB premium rate
+        ("+7 495 123 45 67", "+74951234567"),  // Moscow fixed line
+    ] {
+        // Twice: a refusal starts no cooldown either.
+        for _ in 0..2 {
+            let status = h.send(typed).await.unwrap_err();
+            let retry =
+                assert_refused(&status, Code::FailedPrecondition, "NUMBER_TYPE_NOT_ALLOWED");
+            assert_eq!(retry, Duration::ZERO);
+            assert!(status.get_details_retry_info().is_none(), "{status:?}");
+        }
+        assert_eq!(h.sms_to(e164).await, 0, "no SMS to {e164}");
+    }
+    assert!(h.sms.received_requests().await.unwrap().is_empty());
+
+    // A US number is fixed_line_or_mobile, allowed by default; it gets the client's one send.
+    h.send("+1 650 253 0000").await.unwrap();
+    assert_eq!(h.sms_to("+16502530000").await, 1);
+    let status = h.send("+79601233017").await.unwrap_err();
+    assert_refused(&status, Code::ResourceExhausted, "CLIENT_SEND_LIMIT");
+}
+
+#[tokio::test]
+async fn a_region_list_refuses_numbers_of_other_regions() {
+    let mut h = Harness::start(&[("SMS_ALLOWED_REGIONS", "KZ")]).await;
+    for (typed, e164) in [
+        ("+7 960 123 30 17", "+79601233017"), // RU mobile: same country code as KZ
+        ("+1 650 253 0000", "+16502530000"),
+        ("+44 909 879 0000", "+449098790000"),
+    ] {
+        let status = h.send(typed).await.unwrap_err();
+        assert_refused(&status, Code::FailedPrecondition, "REGION_NOT_ALLOWED");
+        assert_eq!(h.sms_to(e164).await, 0, "no SMS to {e164}");
+    }
+    // A KZ mobile is sent and signs in.
+    let sent = h.send_from("+7 701 123 0001", &[]).await.unwrap();
+    assert_eq!(sent.phone_number, "+77011230001");
+    assert_eq!(h.sms_to("+77011230001").await, 1);
+    let code = h.latest_code("+77011230001").await;
+    h.verify("+77011230001", &code).await.unwrap();
+}
+
+#[tokio::test]
+async fn sms_budgets_refuse_per_block_region_and_globally_and_use_nothing_else() {
+    let mut h = Harness::start(&[
+        ("SMS_MAX_SENDS_PER_PREFIX_PER_HOUR", "2"),
+        ("SMS_MAX_SENDS_PER_REGION_PER_HOUR", "3"),
+        ("SMS_MAX_SENDS_PER_HOUR", "4"),
+        // Four sends go out and five are refused: had a refusal kept the client's slot, the
+        // client would run out before the budgets below are reached.
+        ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "5"),
+    ])
+    .await;
+    // Block +7960123: two sends, the third number of the block is refused.
+    h.send("+79601231001").await.unwrap();
+    h.send("+79601231002").await.unwrap();
+    for _ in 0..2 {
+        // The second try gets the same budget, not RESEND_COOLDOWN: the refusal left no
+        // cooldown behind.
+        let status = h.send("+79601231003").await.unwrap_err();
+        let retry = assert_refused(&status, Code::ResourceExhausted, "SMS_PREFIX_BUDGET");
+        assert!((3590..=3600).contains(&retry.as_secs()), "{retry:?}");
+    }
+    assert_eq!(h.sms_to("+79601231003").await, 0);
+
+    // Another RU block: the refused sends did not use the region's budget (3rd of 3) ...
+    h.send("+79601241001").await.unwrap();
+    let status = h.send("+79601241002").await.unwrap_err();
+    assert_refused(&status, Code::ResourceExhausted, "SMS_REGION_BUDGET");
+    assert_eq!(h.sms_to("+79601241002").await, 0);
+    // ... nor the global one (4th of 4), which then refuses every region.
+    h.send("+77011230001").await.unwrap();
+    for refused in ["+16502530000", "+77011240001"] {
+        let status = h.send(refused).await.unwrap_err();
+        assert_refused(&status, Code::ResourceExhausted, "SMS_GLOBAL_BUDGET");
+        assert_eq!(h.sms_to(refused).await, 0);
+    }
+    assert_eq!(h.sms.received_requests().await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn every_failed_verification_gets_one_answer() {
+    let mut h = Harness::start(&[("OTP_MAX_ATTEMPTS", "2")]).await;
+    let mut answers: Vec<(&str, Status)> = Vec::new();
+
+    // No code was ever sent.
+    answers.push((
+        "no code",
+        h.verify("+79601239999", "1234").await.unwrap_err(),
+    ));
+
+    // A wrong code; the second wrong try burns the code, and the right one is refused after.
+    let burned = "+79601233017";
+    h.send(burned).await.unwrap();
+    let code = h.latest_code(burned).await;
+    answers.push(("wrong", h.verify(burned, &wrong(&code)).await.unwrap_err()));
+    answers.push((
+        "burning",
+        h.verify(burned, &wrong(&code)).await.unwrap_err(),
+    ));
+    answers.push(("burned", h.verify(burned, &code).await.unwrap_err()));
+
+    // The right code while another verification holds it, and once it has been used.
+    let used = "+79601233018";
+    h.send(used).await.unwrap();
+    let code = h.latest_code(used).await;
+    h.directory.delay_ms.store(1500, Ordering::SeqCst);
+    let mut first = h.client.clone();
+    let holder = {
+        let code = code.clone();
+        tokio::spawn(async move {
+            first
+                .verify_code(VerifyCodeRequest {
+                    phone_number: used.to_owned(),
+                    code,
+                    invite_code: None,
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    answers.push(("busy", h.verify(used, &code).await.unwrap_err()));
+    holder
+        .await
+        .unwrap()
+        .expect("the first verification signs in");
+    h.directory.delay_ms.store(0, Ordering::SeqCst);
+    answers.push(("already used", h.verify(used, &code).await.unwrap_err()));
+
+    for (case, status) in &answers {
+        assert_eq!(status.code(), Code::Unauthenticated, "{case}: {status:?}");
+        assert_eq!(status.message(), CODE_REJECTED, "{case}");
+        assert!(
+            status.details().is_empty(),
+            "{case}: details tell cases apart"
+        );
+    }
+}
+
+#[tokio::test]
+async fn test_numbers_get_no_sms_no_send_limits_and_a_fixed_code() {
+    let test_number = "+79990000001";
+    let mut h = Harness::start(&[
+        ("TEST_PHONE_NUMBERS", "+79990000001=4321"),
+        ("OTP_MAX_SENDS_PER_PHONE_PER_HOUR", "1"),
+        ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "2"),
+        // The test number is RU: not an allowed region.
+        ("SMS_ALLOWED_REGIONS", "KZ"),
+    ])
+    .await;
+    for _ in 0..3 {
+        let sent = h.send_from("+7 999 000-00-01", &[]).await.unwrap();
+        assert_eq!(sent.phone_number, test_number);
+        let expire = sent.expire_time.unwrap().seconds;
+        let next = sent.next_send_time.unwrap().seconds;
+        assert!(
+            (299..=301).contains(&(expire - next)),
+            "no cooldown: {sent:?}"
+        );
+    }
+    assert_eq!(h.sms_to(test_number).await, 0);
+    for _ in 0..3 {
+        let signed_in = h.verify(test_number, "4321").await.unwrap();
+        assert_eq!(signed_in.user_id, user_id_of(test_number));
+    }
+    let status = h.verify(test_number, "1234").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(status.message(), CODE_REJECTED);
+
+    // Other numbers are unaffected: the policy still applies, the SMS goes out, the cooldown
+    // holds, and the three test sends did not use the client's two.
+    let status = h.send("+79601233017").await.unwrap_err();
+    assert_refused(&status, Code::FailedPrecondition, "REGION_NOT_ALLOWED");
+    let other = "+77011230001";
+    h.send(other).await.unwrap();
+    assert_eq!(h.sms_to(other).await, 1);
+    let status = h.send(other).await.unwrap_err();
+    assert_refused(&status, Code::ResourceExhausted, "RESEND_COOLDOWN");
+    assert_eq!(h.sms_to(other).await, 1);
+    let code = h.latest_code(other).await;
+    h.verify(other, &code).await.unwrap();
+    assert_eq!(h.sms.received_requests().await.unwrap().len(), 1);
+}
+
+/// Every send budget at 1: a send that is not rolled back leaves one of them spent.
+const ONE_SEND_EACH: [(&str, &str); 5] = [
+    ("OTP_MAX_SENDS_PER_PHONE_PER_HOUR", "1"),
+    ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "1"),
+    ("SMS_MAX_SENDS_PER_PREFIX_PER_HOUR", "1"),
+    ("SMS_MAX_SENDS_PER_REGION_PER_HOUR", "1"),
+    ("SMS_MAX_SENDS_PER_HOUR", "1"),
+];
+
+/// After a send that hung and was answered UNAVAILABLE: a retry is admitted at once (nothing
+/// was spent), its code signs in, and the budgets then count that one send.
+async fn assert_rolled_back(h: &mut Harness, phone: &str) {
+    h.send(phone).await.expect("the retry is admitted at once");
+    assert_eq!(h.sms_to(phone).await, 2);
+    let code = h.latest_code(phone).await;
+    h.verify(phone, &code).await.unwrap();
+    let status = h.send("+77011230001").await.unwrap_err();
+    assert_refused(&status, Code::ResourceExhausted, "CLIENT_SEND_LIMIT");
+}
+
+#[tokio::test]
+async fn a_hung_sms_provider_is_unavailable_before_the_callers_deadline_and_rolled_back() {
+    let mut h = Harness::start(&ONE_SEND_EACH).await;
+    let phone = "+79601230088";
+    h.hang_once(phone).await;
+    let mut request = Request::new(SendCodeRequest {
+        phone_number: phone.to_owned(),
+    });
+    request.set_timeout(Duration::from_millis(1500));
+    let started = Instant::now();
+    let status = h.client.send_code(request).await.unwrap_err();
+    let took = started.elapsed();
+    // Not DEADLINE_EXCEEDED or CANCELLED from the server's timeout: the handler answered
+    // first, having waited for the provider up to its margin.
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(took >= Duration::from_millis(1000), "{took:?}");
+    assert_eq!(h.sms_to(phone).await, 1, "the provider was called");
+    assert_rolled_back(&mut h, phone).await;
+}
+
+#[tokio::test]
+async fn without_a_caller_deadline_request_timeout_bounds_the_sms_call() {
+    let mut env = ONE_SEND_EACH.to_vec();
+    env.push(("REQUEST_TIMEOUT_SECONDS", "2"));
+    let mut h = Harness::start(&env).await;
+    let phone = "+79601230088";
+    h.hang_once(phone).await;
+    let started = Instant::now();
+    let status = h.send(phone).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    assert_rolled_back(&mut h, phone).await;
+}
+
+#[tokio::test]
+async fn send_limits_follow_the_forwarded_client() {
+    let mut h = Harness::start(&[
+        ("TRUSTED_PROXY_HOPS", "1"),
+        ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "2"),
+        ("SMS_MAX_SENDS_PER_PREFIX_PER_HOUR", "1000"),
+    ])
+    .await;
+    let mut next = 0;
+    let mut phone = move || {
+        next += 1;
+        format!("+796012{next:05}")
+    };
+    let mut expect = async |h: &mut Harness, forwarded: &[&str], admitted: bool| {
+        let to = phone();
+        match h.send_from(&to, forwarded).await {
+            Ok(_) if admitted => assert_eq!(h.sms_to(&to).await, 1),
+            Err(status) if !admitted => {
+                assert_refused(&status, Code::ResourceExhausted, "CLIENT_SEND_LIMIT");
+                assert_eq!(h.sms_to(&to).await, 0);
+            }
+            other => panic!("{forwarded:?} admitted={admitted}: {other:?}"),
+        }
+    };
+
+    // Two sends from one address, to different phones; the third is refused, another address
+    // is not.
+    expect(&mut h, &["203.0.113.1"], true).await;
+    expect(&mut h, &["203.0.113.1"], true).await;
+    expect(&mut h, &["203.0.113.1"], false).await;
+    expect(&mut h, &["203.0.113.2"], true).await;
+    // Entries left of the trusted one are the caller's to forge: still .1, in one header or in
+    // two.
+    expect(&mut h, &["203.0.113.2, 203.0.113.1"], false).await;
+    expect(&mut h, &["203.0.113.2", "203.0.113.1"], false).await;
+    // The trusted entry decides, with or without a port.
+    expect(&mut h, &["203.0.113.1, 203.0.113.2:4242"], true).await;
+    expect(&mut h, &["203.0.113.2"], false).await;
+
+    // IPv6 counts per /64.
+    expect(&mut h, &["2001:db8:1:2::1"], true).await;
+    expect(&mut h, &["2001:db8:1:2:ffff:ffff:ffff:ffff"], true).await;
+    expect(&mut h, &["[2001:db8:1:2::77]:443"], false).await;
+    expect(&mut h, &["2001:db8:1:3::1"], true).await;
+
+    // Junk in the trusted entry counts as the peer (127.0.0.1), like no header at all.
+    expect(&mut h, &["not-an-ip"], true).await;
+    expect(&mut h, &["203.0.113.1, 203.0.113.999"], true).await;
+    expect(&mut h, &[], false).await;
+    expect(&mut h, &["unknown"], false).await;
+}
+
+#[tokio::test]
+async fn two_trusted_hops_read_the_entries_of_every_header_in_order() {
+    let mut h = Harness::start(&[
+        ("TRUSTED_PROXY_HOPS", "2"),
+        ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "1"),
+    ])
+    .await;
+    // The outer proxy wrote the client, the inner one appended the outer proxy as a header of
+    // its own: the client is the second entry from the right across both headers.
+    h.send_from("+79601233017", &["203.0.113.1", "10.0.0.1"])
+        .await
+        .unwrap();
+    let status = h
+        .send_from("+79601233018", &["198.51.100.9, 203.0.113.1", "10.0.0.2"])
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::ResourceExhausted, "CLIENT_SEND_LIMIT");
+    // The outer proxy's own address is another client.
+    h.send_from("+79601233018", &["203.0.113.1, 10.0.0.1", "10.0.0.2"])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn wrong_codes_count_per_forwarded_client_across_phones() {
+    let mut h = Harness::start(&[
+        ("TRUSTED_PROXY_HOPS", "1"),
+        ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "3"),
+    ])
+    .await;
+    let owner = ["198.51.100.10"];
+    let attacker = ["203.0.113.66"];
+    let phone = "+79601233017";
+    h.send_from(phone, &owner).await.unwrap();
+    let code = h.latest_code(phone).await;
+
+    // Three failures across three phones (one with a code pending, two without) ...
+    for target in [phone, "+79601233018", "+79601233019"] {
+        let status = h.verify_from(target, &wrong(&code), &attacker).await;
+        assert_eq!(status.unwrap_err().code(), Code::Unauthenticated);
+    }
+    // ... and the client is locked out, whatever it types and wherever it claims to come from.
+    for (target, typed, forwarded) in [
+        (phone, code.as_str(), &attacker[..]),
+        ("+79601233020", "1234", &attacker[..]),
+        (phone, code.as_str(), &["198.51.100.10, 203.0.113.66"][..]),
+    ] {
+        let status = h.verify_from(target, typed, forwarded).await.unwrap_err();
+        let retry = assert_refused(&status, Code::ResourceExhausted, "CLIENT_FAILURE_LIMIT");
+        assert!((3590..=3600).contains(&retry.as_secs()), "{retry:?}");
+    }
+    // The owner, from another address, is not locked out and signs in.
+    let signed_in = h.verify_from(phone, &code, &owner).await.unwrap();
+    assert_eq!(signed_in.user_id, user_id_of(phone));
+}
+
+#[tokio::test]
+async fn a_directory_refusal_of_the_number_is_invalid_argument_and_keeps_the_code() {
+    // One failure would lock this client and this pair: the refusals must not count as one.
+    let mut h = Harness::start(&[
+        ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "1"),
+        ("OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY", "1"),
+    ])
+    .await;
+    let phone = "+79601233017";
+    h.send(phone).await.unwrap();
+    let code = h.latest_code(phone).await;
+    h.directory.refuse_number.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let status = h.verify(phone, &code).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations.len(), 1);
+        assert_eq!(bad.field_violations[0].field, "phone_number");
+    }
+    // The code was released, not used up: it signs in once the directory accepts the number.
+    h.directory.refuse_number.store(false, Ordering::SeqCst);
+    h.verify(phone, &code).await.unwrap();
+    assert_eq!(h.directory.calls.load(Ordering::SeqCst), 3);
+    let status = h.verify(phone, &code).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
 }
