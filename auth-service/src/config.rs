@@ -14,7 +14,7 @@
 //! | `JWT_AUDIENCE` | `refsys` | `aud` of access tokens |
 //! | `ACCESS_TOKEN_TTL_SECONDS` | `900` | 60..=86400 |
 //! | `REFRESH_TOKEN_TTL_SECONDS` | `2592000` (30 days) | one refresh token's life, 60..=31536000 |
-//! | `REFRESH_TOKEN_MAX_LIFETIME_SECONDS` | `7776000` (90 days) | a session's absolute end after sign-in, 60..=63072000 |
+//! | `REFRESH_TOKEN_MAX_LIFETIME_SECONDS` | `7776000` (90 days) | a session's absolute end after sign-in, 1..=63072000 |
 //! | `REFRESH_REUSE_GRACE_SECONDS` | `10` | a just-rotated token replays its rotation this long, 0..=300 |
 //! | `OTP_LENGTH` | `4` | digits per code, 4..=8 |
 //! | `OTP_TTL_SECONDS` | `300` | how long a code is accepted, 10..=3600 |
@@ -300,7 +300,7 @@ impl AuthConfig {
                     &s,
                     "REFRESH_TOKEN_MAX_LIFETIME_SECONDS",
                     7_776_000,
-                    60..=63_072_000,
+                    1..=63_072_000,
                 )?,
                 reuse_grace: secs(&s, "REFRESH_REUSE_GRACE_SECONDS", 10, 0..=300)?,
             },
@@ -488,7 +488,7 @@ mod tests {
             ("SMS_FRAUD_MIN_CONVERSION", "1.5"),
             ("SMS_FRAUD_BLOCK_SECONDS", "1"),
             ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "0"),
-            ("REFRESH_TOKEN_MAX_LIFETIME_SECONDS", "10"),
+            ("REFRESH_TOKEN_MAX_LIFETIME_SECONDS", "0"),
             ("REFRESH_REUSE_GRACE_SECONDS", "301"),
             ("OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY", "0"),
             ("TEST_PHONE_NUMBERS", "+79990000001"),
