@@ -8,4 +8,3 @@ mod foundation;
 mod journey;
 mod keys;
 mod observability;
-mod sessions;
