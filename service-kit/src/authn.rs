@@ -28,6 +28,31 @@ pub enum Requirement {
     Admin,
     /// A service token for this service's audience, carrying `scope`.
     Service { scope: &'static str },
+    /// A service token for this service's audience, carrying the scope of the called method:
+    /// `scopes` pairs gRPC method names ("LookupUser") with the scope each needs. A method
+    /// missing from the list is refused to every caller (PERMISSION_DENIED), so a method added
+    /// to the service later is closed until it is given a scope.
+    ServicePerMethod {
+        scopes: &'static [(&'static str, &'static str)],
+    },
+}
+
+impl Requirement {
+    /// The requirement of one call, given its gRPC path (`/package.Service/Method`): for
+    /// [`Requirement::ServicePerMethod`], the listed method's `Service` scope; every other
+    /// requirement is the same for all methods.
+    pub fn for_path(self, path: &str) -> Self {
+        match self {
+            Self::ServicePerMethod { scopes } => {
+                let method = path.rsplit('/').next().unwrap_or_default();
+                scopes
+                    .iter()
+                    .find(|(name, _)| *name == method)
+                    .map_or(self, |(_, scope)| Self::Service { scope })
+            }
+            other => other,
+        }
+    }
 }
 
 /// The verified caller, stored in the request's extensions for handlers.
@@ -100,6 +125,10 @@ impl Authenticator {
             Requirement::Service { scope } => Err(Status::permission_denied(format!(
                 "this RPC needs a service token with the scope {scope:?}"
             ))),
+            // Not resolved to a method's scope by `for_path`: no scope admits the call.
+            Requirement::ServicePerMethod { .. } => {
+                Err(Status::permission_denied("no token may call this RPC"))
+            }
             Requirement::User | Requirement::Admin => Err(Status::permission_denied(
                 "this RPC needs a user access token",
             )),
@@ -169,7 +198,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let authenticator = self.authenticator.clone();
-        let requirement = self.requirement;
+        let requirement = self.requirement.for_path(request.uri().path());
         Box::pin(async move {
             match authenticator
                 .authenticate(request.headers(), requirement)
@@ -345,6 +374,45 @@ mod tests {
         assert_eq!(
             check(other_scope, ensure).await.unwrap_err(),
             PermissionDenied
+        );
+    }
+
+    #[tokio::test]
+    async fn per_method_scopes_admit_each_method_only_its_own_scope() {
+        use tonic::Code::PermissionDenied;
+        const SCOPES: &[(&str, &str)] = &[("Read", "x.read"), ("Delete", "x.delete")];
+        let per_method = Requirement::ServicePerMethod { scopes: SCOPES };
+        let token = |scope: &str| claims(REFERRAL_SERVICE_AUDIENCE, &[], Some(scope));
+        let read = per_method.for_path("/pkg.Directory/Read");
+        let delete = per_method.for_path("/pkg.Directory/Delete");
+        assert_eq!(read, Requirement::Service { scope: "x.read" });
+        assert!(check(token("x.read"), read).await.is_ok());
+        assert!(check(token("x.delete x.read"), read).await.is_ok());
+        assert!(check(token("x.delete"), delete).await.is_ok());
+        assert_eq!(
+            check(token("x.read"), delete).await.unwrap_err(),
+            PermissionDenied
+        );
+        assert_eq!(
+            check(claims("refsys", &["admin"], None), read)
+                .await
+                .unwrap_err(),
+            PermissionDenied,
+            "a user token"
+        );
+        // A method without a scope is closed to every token.
+        let unlisted = per_method.for_path("/pkg.Directory/Other");
+        assert_eq!(unlisted, per_method);
+        for scope in ["x.read", "x.delete", "x.read x.delete"] {
+            assert_eq!(
+                check(token(scope), unlisted).await.unwrap_err(),
+                PermissionDenied
+            );
+        }
+        // Other requirements do not depend on the method.
+        assert_eq!(
+            Requirement::User.for_path("/pkg.Directory/Read"),
+            Requirement::User
         );
     }
 
