@@ -1,6 +1,7 @@
 //! referral-service settings, from the environment (see README.md for the table).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use service_kit::config::{
@@ -8,6 +9,7 @@ use service_kit::config::{
 };
 use sqlx::postgres::PgConnectOptions;
 
+use crate::domain::PhonePepper;
 use crate::storage::Bonuses;
 
 #[derive(Debug, Clone)]
@@ -21,6 +23,9 @@ pub struct Config {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub bonuses: Bonuses,
+    /// Keys the hashes of deleted users' phone numbers (`PHONE_HASH_PEPPER_FILE`); the fixed
+    /// development pepper when unset (`serve` warns).
+    pub phone_pepper: PhonePepper,
     pub server: ServerSettings,
 }
 
@@ -58,9 +63,30 @@ impl Config {
                 invitee: settings.get_in_range("BONUS_INVITEE", 100, 0..=1_000_000)?,
                 inviter: settings.get_in_range("BONUS_INVITER", 200, 0..=1_000_000)?,
             },
+            phone_pepper: match settings.raw("PHONE_HASH_PEPPER_FILE") {
+                Some(path) => read_pepper("PHONE_HASH_PEPPER_FILE", Path::new(&path))?,
+                None => PhonePepper::development(),
+            },
             server: ServerSettings::from_source(settings)?,
         })
     }
+}
+
+/// The pepper in the file at `path`, surrounding whitespace trimmed. Errors show the key and
+/// the path, never the file's contents.
+fn read_pepper(key: &str, path: &Path) -> Result<PhonePepper, ConfigError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|err| ConfigError::new(key, &shown, err))?;
+    PhonePepper::from_bytes(bytes.trim_ascii()).ok_or_else(|| {
+        ConfigError::new(
+            key,
+            &shown,
+            format_args!(
+                "the pepper must be at least {} bytes (surrounding whitespace does not count)",
+                PhonePepper::MIN_LEN
+            ),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -73,6 +99,46 @@ mod tests {
         assert_eq!(config.grpc_addr.port(), 50052);
         assert_eq!((config.bonuses.invitee, config.bonuses.inviter), (100, 200));
         assert!(config.run_migrations);
+        assert!(config.phone_pepper.is_development());
+    }
+
+    #[test]
+    fn the_phone_hash_pepper_file_is_read_trimmed_and_checked() {
+        let dir = std::env::temp_dir().join(format!(
+            "refsys-pepper-test-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, contents: &[u8]| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let load = |path: &str| Config::from_source(&Settings([("PHONE_HASH_PEPPER_FILE", path)]));
+
+        let good = write("good", b"  s3cret-pepper-0123456789\n");
+        let config = load(&good).unwrap();
+        assert!(!config.phone_pepper.is_development());
+        let same = PhonePepper::from_bytes(b"s3cret-pepper-0123456789").unwrap();
+        assert_eq!(
+            config.phone_pepper.hash_e164("+79601233017"),
+            same.hash_e164("+79601233017"),
+            "whitespace around the pepper is trimmed"
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+
+        // 15 bytes once trimmed.
+        let short = write("short", b"\ts3cret-12345678 \n");
+        let missing = dir.join("missing").to_str().unwrap().to_owned();
+        for path in [short, missing] {
+            let err = load(&path).unwrap_err();
+            assert_eq!(err.key, "PHONE_HASH_PEPPER_FILE");
+            let line = err.to_string();
+            assert!(line.contains("PHONE_HASH_PEPPER_FILE"), "{line}");
+            assert!(!line.contains("s3cret"), "{line}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

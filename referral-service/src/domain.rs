@@ -52,6 +52,83 @@ impl From<service_kit::phone::PhoneError> for ReferralError {
     }
 }
 
+/// `e164` (a number stored by this service, already E.164) in the masked form of
+/// [`PhoneNumber::masked`] (`+7960***3017`); empty stays empty (a deleted user). Re-parsing
+/// each stored number to call `masked` would cost libphonenumber's full validation per invitee
+/// on the hottest read (GetProfile lists up to 100); a test keeps the two forms equal for valid
+/// numbers. Anything shorter than any valid number, or not ASCII, shows as `***` only.
+pub fn mask_e164(e164: &str) -> String {
+    if e164.is_empty() {
+        return String::new();
+    }
+    if !e164.is_ascii() || e164.len() < 6 {
+        return "***".to_owned();
+    }
+    let (head, tail) = if e164.len() >= 11 { (5, 4) } else { (3, 2) };
+    format!("{}***{}", &e164[..head], &e164[e164.len() - tail..])
+}
+
+/// The secret keying the hashes of phone numbers kept after an account is deleted
+/// (`PHONE_HASH_PEPPER_FILE`). Never printed; `Debug` shows only whether it is the
+/// development pepper.
+#[derive(Clone)]
+pub struct PhonePepper {
+    key: ring::hmac::Key,
+    development: bool,
+}
+
+impl PhonePepper {
+    /// The shortest pepper accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
+
+    /// Used when PHONE_HASH_PEPPER_FILE is unset. Fixed rather than random, so hashes keep
+    /// matching across restarts and replicas; being public, it protects nothing.
+    const DEVELOPMENT: &[u8] = b"refsys development phone-hash pepper: NOT A SECRET";
+
+    /// A pepper from the file's contents (surrounding whitespace already trimmed); `None` when
+    /// shorter than [`PhonePepper::MIN_LEN`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() >= Self::MIN_LEN).then(|| Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes),
+            development: false,
+        })
+    }
+
+    /// The fixed, public development pepper.
+    pub fn development() -> Self {
+        Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, Self::DEVELOPMENT),
+            development: true,
+        }
+    }
+
+    pub fn is_development(&self) -> bool {
+        self.development
+    }
+
+    /// HMAC-SHA256 of an E.164 number (as stored), domain-separated from any other use of the
+    /// key. Phone numbers are few enough to enumerate, so the hash protects them only while the
+    /// pepper stays secret.
+    pub fn hash_e164(&self, e164: &str) -> [u8; 32] {
+        let mut context = ring::hmac::Context::with_key(&self.key);
+        context.update(b"refsys-rewarded-phone-v1\0");
+        context.update(e164.as_bytes());
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(context.sign().as_ref());
+        hash
+    }
+}
+
+impl std::fmt::Debug for PhonePepper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.development {
+            f.write_str("PhonePepper(<development>)")
+        } else {
+            f.write_str("PhonePepper(<redacted>)")
+        }
+    }
+}
+
 /// A prefix of E.164 numbers ("+7960"), for the admin filter: '+' and 1 to 15 ASCII digits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PhonePrefix(String);
@@ -216,6 +293,53 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn stored_numbers_mask_exactly_as_phone_numbers_do() {
+        // Every valid length, from Tokelau's 7 digits to 15.
+        let mut parsed = 0;
+        for input in [
+            "+6907290",
+            "+6831234",
+            "+4212345678",
+            "+79601233017",
+            "+447911123456",
+            "+8613800138000",
+            "+882345678901234",
+            "+99971234567890",
+        ] {
+            let Ok(phone) = PhoneNumber::parse(input, None) else {
+                continue;
+            };
+            assert_eq!(mask_e164(phone.e164()), phone.masked(), "{input}");
+            parsed += 1;
+        }
+        assert!(parsed >= 4, "only {parsed} sample numbers are valid");
+        for n in 0..200u64 {
+            let phone = PhoneNumber::parse(&format!("+7960{:07}", n * 49_999), None).unwrap();
+            assert_eq!(mask_e164(phone.e164()), phone.masked());
+        }
+        assert_eq!(mask_e164(""), "");
+        assert_eq!(mask_e164("+79601233017"), "+7960***3017");
+    }
+
+    #[test]
+    fn phone_hashes_depend_on_the_pepper_and_never_show_it() {
+        let pepper = PhonePepper::from_bytes(b"0123456789abcdef").unwrap();
+        let other = PhonePepper::from_bytes(b"0123456789abcdeg").unwrap();
+        let hash = pepper.hash_e164("+79601233017");
+        assert_eq!(hash, pepper.hash_e164("+79601233017"));
+        assert_ne!(hash, pepper.hash_e164("+79601233018"));
+        assert_ne!(hash, other.hash_e164("+79601233017"));
+        assert_ne!(hash, PhonePepper::development().hash_e164("+79601233017"));
+        assert!(
+            PhonePepper::from_bytes(b"0123456789abcde").is_none(),
+            "15 bytes"
+        );
+        assert_eq!(format!("{pepper:?}"), "PhonePepper(<redacted>)");
+        assert!(PhonePepper::development().is_development());
+        assert!(!pepper.is_development());
     }
 
     #[test]

@@ -18,7 +18,10 @@ use refsys_proto::referral::v1::referral_service_server::ReferralServiceServer;
 use refsys_proto::referral::v1::user_directory_server::UserDirectoryServer;
 use service_kit::authn::{Authenticated, Authenticator, RemoteJwks, Requirement};
 use service_kit::server::{App, MAX_DECODE_BYTES, ServeError};
-use service_kit::tokens::{ENSURE_USER_SCOPE, KeySet, REFERRAL_SERVICE_AUDIENCE, Verifier};
+use service_kit::tokens::{
+    DELETE_USER_SCOPE, ENSURE_USER_SCOPE, KeySet, LOOKUP_USER_SCOPE, REFERRAL_SERVICE_AUDIENCE,
+    Verifier,
+};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
@@ -29,6 +32,14 @@ use crate::storage::Repository;
 /// triggered by an unknown `kid`.
 const JWKS_REFRESH: Duration = Duration::from_secs(300);
 const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
+
+/// The scope each `UserDirectory` RPC needs on the caller's service token. An RPC missing here
+/// is refused to every caller.
+pub const DIRECTORY_SCOPES: &[(&str, &str)] = &[
+    ("EnsureUser", ENSURE_USER_SCOPE),
+    ("LookupUser", LOOKUP_USER_SCOPE),
+    ("DeleteUser", DELETE_USER_SCOPE),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -49,12 +60,16 @@ pub async fn repository(config: &Config) -> Result<Repository, StartError> {
         config.database_acquire_timeout,
     )
     .await?;
-    Ok(Repository::new(pool, config.bonuses))
+    Ok(Repository::new(
+        pool,
+        config.bonuses,
+        config.phone_pepper.clone(),
+    ))
 }
 
 /// The three gRPC services, each behind the token check it needs: `ReferralService` a user's
-/// access token, `UserDirectory` a service token with the ensure-user scope, `AdminService` a
-/// user token with the admin role.
+/// access token, `UserDirectory` a service token with the called RPC's scope
+/// ([`DIRECTORY_SCOPES`]), `AdminService` a user token with the admin role.
 pub fn routes(
     repository: &Repository,
     authenticator: Arc<Authenticator>,
@@ -74,8 +89,8 @@ pub fn routes(
         .add_service(Authenticated::new(
             directory,
             authenticator.clone(),
-            Requirement::Service {
-                scope: ENSURE_USER_SCOPE,
+            Requirement::ServicePerMethod {
+                scopes: DIRECTORY_SCOPES,
             },
         ))
         .add_service(Authenticated::new(admin, authenticator, Requirement::Admin))
@@ -89,6 +104,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    if config.phone_pepper.is_development() {
+        tracing::warn!(
+            "PHONE_HASH_PEPPER_FILE is not set: using the fixed development pepper, which is \
+             public. Hashes of deleted users' phone numbers can then be reversed by anyone with \
+             the database. Development only; set a secret pepper (and never change it) in \
+             production."
+        );
+    }
     let repository = repository(config).await?;
     if config.run_migrations {
         storage::MIGRATOR.run(repository.pool()).await?;

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::domain::{InviteCode, PhoneNumber, PhonePrefix, UserId};
+use crate::domain::{InviteCode, PhoneNumber, PhonePepper, PhonePrefix, UserId};
 use crate::error::ReferralError;
 use crate::rules::{self, Cursor, Member};
 
@@ -17,8 +17,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Shards of each user's counters (see the migration).
 const COUNTER_SHARDS: i16 = 16;
-/// Attempts at a free invite code before giving up (collisions are ~1 in 887 million each).
-const INVITE_CODE_ATTEMPTS: usize = 8;
+/// Attempts at a free invite code before giving up (collisions are ~1 in 887 million each);
+/// also bounds the retries when the phone's user is deleted while being looked up.
+const ENSURE_ATTEMPTS: usize = 8;
 
 /// A pool that answers "unavailable" quickly when Postgres is away and heals by itself.
 pub async fn connect(
@@ -63,6 +64,7 @@ pub struct UserRecord {
 #[derive(Debug, Clone)]
 pub struct InviteeRecord {
     pub id: Uuid,
+    /// The full E.164 number, masked at the edge; empty for a deleted invitee.
     pub phone_number: String,
     pub activated_at: DateTime<Utc>,
 }
@@ -94,6 +96,18 @@ fn paginate<T>(mut rows: Vec<T>, size: i64, cursor_of: impl Fn(&T) -> Cursor) ->
     Page { items: rows, next }
 }
 
+/// What an activation awarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Award {
+    /// The invitee and the inviter bonuses: two ledger entries and the counters.
+    Bonuses,
+    /// Nothing: the invitee's phone number already earned an invitee bonus under an account
+    /// that was deleted since. The users are linked all the same, so the invitee has used up
+    /// their one activation and appears among the inviter's invitees; no ledger entry is
+    /// written and no counter moves (the inviter's count and points stay as they were).
+    Nothing,
+}
+
 /// Why an EnsureUser-time activation did not happen, or that it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InviteOutcome {
@@ -118,6 +132,7 @@ type CodeGenerator = Arc<dyn Fn() -> InviteCode + Send + Sync>;
 pub struct Repository {
     pool: PgPool,
     bonuses: Bonuses,
+    pepper: PhonePepper,
     generate_code: CodeGenerator,
 }
 
@@ -129,10 +144,12 @@ fn violated_constraint(error: &sqlx::Error) -> Option<&str> {
 }
 
 impl Repository {
-    pub fn new(pool: PgPool, bonuses: Bonuses) -> Self {
+    /// `pepper` keys the hashes of deleted users' phone numbers (see [`Repository::delete_user`]).
+    pub fn new(pool: PgPool, bonuses: Bonuses, pepper: PhonePepper) -> Self {
         Self::with_code_generator(
             pool,
             bonuses,
+            pepper,
             Arc::new(|| InviteCode::generate(&mut rand::rng())),
         )
     }
@@ -141,11 +158,13 @@ impl Repository {
     pub fn with_code_generator(
         pool: PgPool,
         bonuses: Bonuses,
+        pepper: PhonePepper,
         generate_code: CodeGenerator,
     ) -> Self {
         Self {
             pool,
             bonuses,
+            pepper,
             generate_code,
         }
     }
@@ -185,13 +204,14 @@ impl Repository {
             .is_ok()
     }
 
-    /// The user with `phone`, created on first sign-in; `true` when this call created them.
-    /// Concurrent calls for one new phone create one user.
+    /// The live user with `phone`, created on first sign-in; `true` when this call created
+    /// them. Concurrent calls for one new phone create one user. A deleted user no longer holds
+    /// their number, so the same phone signing up again is a new user (new id, no points).
     pub async fn ensure_user(
         &self,
         phone: &PhoneNumber,
     ) -> Result<(UserRecord, bool), ReferralError> {
-        for _ in 0..INVITE_CODE_ATTEMPTS {
+        for _ in 0..ENSURE_ATTEMPTS {
             let id = Uuid::now_v7();
             let code = (self.generate_code)();
             let inserted = sqlx::query_scalar!(
@@ -211,34 +231,45 @@ impl Repository {
                         "SELECT id FROM users WHERE phone_number = $1",
                         phone.e164()
                     )
-                    .fetch_one(&self.pool)
+                    .fetch_optional(&self.pool)
                     .await?;
-                    return Ok((self.user(UserId(id)).await?, false));
+                    // The owner was deleted between the insert and these reads: the number is
+                    // free again, so try the insert once more.
+                    match id {
+                        Some(id) => match self.user(UserId(id)).await {
+                            Ok(user) => return Ok((user, false)),
+                            Err(ReferralError::NotFound(_)) => continue,
+                            Err(err) => return Err(err),
+                        },
+                        None => continue,
+                    }
                 }
                 Err(err) if violated_constraint(&err) == Some("users_invite_code_key") => continue,
                 Err(err) => return Err(err.into()),
             }
         }
         Err(ReferralError::Internal(
-            "no free invite code after several attempts".into(),
+            "no free invite code, or the phone's user kept being deleted, after several attempts"
+                .into(),
         ))
     }
 
-    /// A user with the activated code and counter sums.
+    /// A live user with the activated code and counter sums; NOT_FOUND for a deleted one.
     pub async fn user(&self, id: UserId) -> Result<UserRecord, ReferralError> {
         Ok(self.profile(id, 0).await?.0)
     }
 
-    /// A user with their first `invitees` invitees (earliest first), in one round trip: a
-    /// profile read is the hottest call, and a second query per call costs as much as the first.
+    /// A live user with their first `invitees` invitees (earliest first, deleted ones included
+    /// with an empty phone number), in one round trip: a profile read is the hottest call, and a
+    /// second query per call costs as much as the first. NOT_FOUND for a deleted user.
     pub async fn profile(
         &self,
         id: UserId,
         invitees: i64,
     ) -> Result<(UserRecord, Vec<InviteeRecord>), ReferralError> {
         let row = sqlx::query!(
-            r#"SELECT u.id, u.phone_number, u.invite_code, u.invited_by, u.invite_activated_at,
-                      i.invite_code AS "activated_invite_code?",
+            r#"SELECT u.id, u.phone_number AS "phone_number!", u.invite_code, u.invited_by,
+                      u.invite_activated_at, i.invite_code AS "activated_invite_code?",
                       u.first_name, u.last_name, u.email, u.roles, u.created_at,
                       c.points AS "bonus_points!", c.invitees AS "invitees_count!",
                       f.ids AS "invitee_ids!: Vec<Uuid>",
@@ -256,13 +287,14 @@ impl Repository {
                           COALESCE(array_agg(s.phone_number ORDER BY s.invite_activated_at, s.id), '{}') AS phones,
                           COALESCE(array_agg(s.invite_activated_at ORDER BY s.invite_activated_at, s.id), '{}') AS activated
                    FROM (
-                       SELECT id, phone_number, invite_activated_at FROM users
+                       SELECT id, COALESCE(phone_number, '') AS phone_number, invite_activated_at
+                       FROM users
                        WHERE invited_by = u.id
                        ORDER BY invite_activated_at, id
                        LIMIT $2
                    ) s
                ) f
-               WHERE u.id = $1"#,
+               WHERE u.id = $1 AND u.deleted_at IS NULL"#,
             id.0,
             invitees
         )
@@ -300,30 +332,52 @@ impl Repository {
 
     /// Activates `code` for `invitee`: the link, two ledger entries and the rollups, in one
     /// transaction. The invitee's row is locked, so one user racing several codes wins once.
-    pub async fn activate(&self, invitee: UserId, code: &InviteCode) -> Result<(), ReferralError> {
+    /// A deleted user's code is NOT_FOUND, like a code nobody has; a deleted invitee is
+    /// NOT_FOUND too. A phone number that earned the invitee bonus before (under an account
+    /// since deleted) is linked without any bonus: [`Award::Nothing`].
+    pub async fn activate(
+        &self,
+        invitee: UserId,
+        code: &InviteCode,
+    ) -> Result<Award, ReferralError> {
         let mut tx = self.pool.begin().await?;
-        self.activate_in(&mut tx, invitee, code).await?;
+        let award = self.activate_in(&mut tx, invitee, code).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(award)
     }
 
     /// The activation's statements, inside the caller's transaction.
+    ///
+    /// Locks, in this order: the invitee's row (FOR UPDATE), then the code owner's row (FOR KEY
+    /// SHARE, the lock the foreign keys to the owner take anyway), then counter shards.
+    /// `delete_user` locks only the deleted user's row (FOR UPDATE), so the two never deadlock:
+    /// an activation holding the owner's row finishes before the owner's deletion starts, and
+    /// one that comes after finds the code gone.
     async fn activate_in(
         &self,
         tx: &mut sqlx::PgConnection,
         invitee: UserId,
         code: &InviteCode,
-    ) -> Result<(), ReferralError> {
+    ) -> Result<Award, ReferralError> {
         let me = sqlx::query!(
-            "SELECT id, created_at, invited_by FROM users WHERE id = $1 FOR UPDATE",
+            r#"SELECT id, created_at, invited_by, phone_number AS "phone_number!"
+               FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"#,
             invitee.0
         )
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(ReferralError::NotFound("user"))?;
+        let phone_hash = self.pepper.hash_e164(&me.phone_number);
+        // Whether this number was rewarded before is read with the owner, in the same round
+        // trip.
         let owner = sqlx::query!(
-            "SELECT id, created_at FROM users WHERE invite_code = $1",
-            code.as_str()
+            r#"SELECT id, created_at,
+                      EXISTS (SELECT 1 FROM rewarded_phone_hashes WHERE phone_hash = $2)
+                          AS "rewarded_before!"
+               FROM users WHERE invite_code = $1 AND deleted_at IS NULL
+               FOR KEY SHARE"#,
+            code.as_str(),
+            &phone_hash[..]
         )
         .fetch_optional(&mut *tx)
         .await?
@@ -351,6 +405,14 @@ impl Repository {
         // The row lock makes this impossible; checked anyway, so a bonus is never written twice.
         if linked.rows_affected() != 1 {
             return Err(ReferralError::AlreadyActivated);
+        }
+        if owner.rewarded_before {
+            tracing::info!(
+                invitee = %me.id,
+                inviter = %owner.id,
+                "invite code activated by a number that earned the bonus before: no bonus"
+            );
+            return Ok(Award::Nothing);
         }
         sqlx::query!(
             "INSERT INTO bonus_ledger (user_id, amount, reason, counterpart_user_id, activation_id)
@@ -385,10 +447,11 @@ impl Repository {
         )
         .execute(&mut *tx)
         .await?;
-        Ok(())
+        Ok(Award::Bonuses)
     }
 
     /// Activation at sign-in: a refusal is an outcome, not an error; outages still are errors.
+    /// An activation that awards nothing (a re-joined number) is still `Applied`.
     pub async fn activate_at_sign_in(
         &self,
         invitee: UserId,
@@ -403,7 +466,7 @@ impl Repository {
             Err(err) => Err(err),
         };
         match result {
-            Ok(()) => Ok(InviteOutcome::Applied),
+            Ok(_) => Ok(InviteOutcome::Applied),
             Err(err @ (ReferralError::Unavailable(_) | ReferralError::Internal(_))) => Err(err),
             Err(refusal) => Ok(InviteOutcome::Refused(refusal)),
         }
@@ -440,12 +503,14 @@ impl Repository {
         if let Some(code) = changes.invite_code {
             self.activate_in(&mut tx, id, code).await?;
         }
+        // `deleted_at IS NULL` is re-checked after waiting for a concurrent deletion's lock, so
+        // an update racing a deletion never writes names back into an erased row.
         let updated = sqlx::query!(
             "UPDATE users SET first_name = COALESCE($2, first_name),
                               last_name = COALESCE($3, last_name),
                               email = COALESCE($4, email),
                               updated_at = now()
-             WHERE id = $1",
+             WHERE id = $1 AND deleted_at IS NULL",
             id.0,
             changes.first_name,
             changes.last_name,
@@ -460,7 +525,8 @@ impl Repository {
         Ok(())
     }
 
-    /// The users who activated `inviter`'s code, earliest first.
+    /// The users who activated `inviter`'s code, earliest first; deleted ones stay, with an
+    /// empty phone number.
     pub async fn invitees(
         &self,
         inviter: UserId,
@@ -474,7 +540,8 @@ impl Repository {
         };
         let rows = sqlx::query_as!(
             InviteeRecord,
-            r#"SELECT id, phone_number, invite_activated_at AS "activated_at!"
+            r#"SELECT id, COALESCE(phone_number, '') AS "phone_number!",
+                      invite_activated_at AS "activated_at!"
                FROM users
                WHERE invited_by = $1 AND (invite_activated_at, id) > ($2, $3)
                ORDER BY invite_activated_at, id
@@ -491,7 +558,8 @@ impl Repository {
         }))
     }
 
-    /// The user's ledger, newest first.
+    /// The user's ledger, newest first; NOT_FOUND for a deleted user (whose entries stay, for
+    /// the accounting, but are no longer theirs to read).
     pub async fn ledger(
         &self,
         user: UserId,
@@ -503,23 +571,45 @@ impl Repository {
             Some(Cursor::Entry(id)) => *id,
             Some(_) => return Err(rules::foreign_page_token()),
         };
-        let rows = sqlx::query_as!(
-            LedgerEntry,
-            "SELECT id, amount, reason, counterpart_user_id, created_at
-             FROM bonus_ledger
-             WHERE user_id = $1 AND id < $2
-             ORDER BY id DESC
-             LIMIT $3",
+        // One round trip: no row means no live user, one row without an entry an empty page.
+        let rows = sqlx::query!(
+            r#"SELECT l.id AS "id?", l.amount AS "amount?", l.reason AS "reason?",
+                      l.counterpart_user_id AS "counterpart_user_id?",
+                      l.created_at AS "created_at?"
+               FROM users u
+               LEFT JOIN LATERAL (
+                   SELECT id, amount, reason, counterpart_user_id, created_at
+                   FROM bonus_ledger
+                   WHERE user_id = u.id AND id < $2
+                   ORDER BY id DESC
+                   LIMIT $3
+               ) l ON true
+               WHERE u.id = $1 AND u.deleted_at IS NULL"#,
             user.0,
             below,
             size + 1
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(paginate(rows, size, |row| Cursor::Entry(row.id)))
+        if rows.is_empty() {
+            return Err(ReferralError::NotFound("user"));
+        }
+        let entries = rows
+            .into_iter()
+            .filter_map(|row| {
+                Some(LedgerEntry {
+                    id: row.id?,
+                    amount: row.amount?,
+                    reason: row.reason?,
+                    counterpart_user_id: row.counterpart_user_id?,
+                    created_at: row.created_at?,
+                })
+            })
+            .collect();
+        Ok(paginate(entries, size, |row| Cursor::Entry(row.id)))
     }
 
-    /// Users by id (sign-up order), optionally only those whose phone starts with `prefix`.
+    /// Live users by id (sign-up order), optionally only those whose phone starts with `prefix`.
     pub async fn users(
         &self,
         prefix: Option<&PhonePrefix>,
@@ -536,8 +626,8 @@ impl Repository {
         let pattern = format!("{}%", prefix.map_or("", PhonePrefix::as_str));
         let rows = sqlx::query_as!(
             UserRecord,
-            r#"SELECT u.id, u.phone_number, u.invite_code, u.invited_by, u.invite_activated_at,
-                      i.invite_code AS "activated_invite_code?",
+            r#"SELECT u.id, u.phone_number AS "phone_number!", u.invite_code, u.invited_by,
+                      u.invite_activated_at, i.invite_code AS "activated_invite_code?",
                       u.first_name, u.last_name, u.email, u.roles, u.created_at,
                       c.points AS "bonus_points!", c.invitees AS "invitees_count!"
                FROM users u
@@ -547,7 +637,7 @@ impl Repository {
                           COALESCE(sum(invitees), 0)::bigint AS invitees
                    FROM user_counters WHERE user_id = u.id
                ) c
-               WHERE u.phone_number LIKE $1 AND u.id > $2
+               WHERE u.phone_number LIKE $1 AND u.id > $2 AND u.deleted_at IS NULL
                ORDER BY u.id
                LIMIT $3"#,
             pattern,
@@ -572,5 +662,65 @@ impl Repository {
         .fetch_optional(&self.pool)
         .await?;
         Ok(found.is_some())
+    }
+
+    /// A live user's roles now (LookupUser); NOT_FOUND for an unknown or deleted user.
+    pub async fn roles(&self, id: UserId) -> Result<Vec<String>, ReferralError> {
+        sqlx::query_scalar!(
+            "SELECT roles FROM users WHERE id = $1 AND deleted_at IS NULL",
+            id.0
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(ReferralError::NotFound("user"))
+    }
+
+    /// Erases a user and keeps the accounting, in one transaction: the phone number, names,
+    /// e-mail and roles go; the id, the invite code (kept reserved, so it is never handed to
+    /// anyone else, yet activating it is NOT_FOUND), the referral links both ways, the ledger
+    /// and the counters stay, so the inviter keeps their count and points and the user still
+    /// appears among their invitees, without a number. If the user had activated an invite
+    /// code (earning the invitee bonus), the peppered hash of their number is kept, so the
+    /// number signing up again is never rewarded again.
+    ///
+    /// `true` when this call deleted the user, `false` when they were already deleted (so of
+    /// parallel calls exactly one sees `true`); NOT_FOUND for an id that never existed.
+    pub async fn delete_user(&self, id: UserId) -> Result<bool, ReferralError> {
+        let mut tx = self.pool.begin().await?;
+        // The one lock this takes (see `activate_in` for the order). After waiting for it, the
+        // row is read as the previous holder left it: a parallel deletion's result included.
+        let row = sqlx::query!(
+            r#"SELECT phone_number, invited_by IS NOT NULL AS "activated!"
+               FROM users WHERE id = $1 FOR UPDATE"#,
+            id.0
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ReferralError::NotFound("user"))?;
+        let Some(phone_number) = row.phone_number else {
+            return Ok(false);
+        };
+        if row.activated {
+            let phone_hash = self.pepper.hash_e164(&phone_number);
+            sqlx::query!(
+                "INSERT INTO rewarded_phone_hashes (phone_hash) VALUES ($1)
+                 ON CONFLICT (phone_hash) DO NOTHING",
+                &phone_hash[..]
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        // clock_timestamp(), not now(): the time of the deletion, after any wait for the lock.
+        sqlx::query!(
+            "UPDATE users
+             SET phone_number = NULL, first_name = '', last_name = '', email = '', roles = '{}',
+                 deleted_at = clock_timestamp(), updated_at = clock_timestamp()
+             WHERE id = $1",
+            id.0
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }

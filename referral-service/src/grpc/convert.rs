@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use refsys_proto::referral::v1 as pb;
 
+use crate::domain::mask_e164;
 use crate::error::ReferralError;
 use crate::storage::{InviteOutcome, InviteeRecord, LedgerEntry, Page, UserRecord};
 
@@ -13,10 +14,12 @@ pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// An invitee as their inviter (or an admin) sees them: the number masked, so whoever posts a
+/// code never collects the full numbers of the people who use it; empty for a deleted invitee.
 pub fn invitee(record: InviteeRecord) -> pb::Invitee {
     pb::Invitee {
         user_id: record.id.to_string(),
-        phone_number: record.phone_number,
+        phone_number: mask_e164(&record.phone_number),
         activated_at: Some(timestamp(record.activated_at)),
     }
 }

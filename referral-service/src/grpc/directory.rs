@@ -1,4 +1,6 @@
-//! `refsys.referral.v1.UserDirectory`: auth-service finds or creates users at sign-in.
+//! `refsys.referral.v1.UserDirectory`: auth-service finds or creates users at sign-in, reads
+//! their live roles at refresh and deletes accounts. Each RPC needs its own scope (see
+//! `crate::DIRECTORY_SCOPES`), checked by the authentication layer before these run.
 
 use refsys_proto::referral::v1 as pb;
 use refsys_proto::referral::v1::user_directory_server::UserDirectory;
@@ -22,19 +24,30 @@ impl DirectoryHandler {
 
 #[tonic::async_trait]
 impl UserDirectory for DirectoryHandler {
-    // TEMPORARY (replaced before commit): keeps the shared tree compiling while built.
     async fn lookup_user(
         &self,
-        _request: Request<pb::LookupUserRequest>,
+        request: Request<pb::LookupUserRequest>,
     ) -> Result<Response<pb::LookupUserResponse>, Status> {
-        Err(Status::unimplemented("not yet"))
+        let id = UserId::parse(&request.get_ref().user_id, "user_id")?;
+        let roles = self.repository.roles(id).await?;
+        Ok(Response::new(pb::LookupUserResponse {
+            user_id: id.to_string(),
+            roles,
+        }))
     }
 
     async fn delete_user(
         &self,
-        _request: Request<pb::DeleteUserRequest>,
+        request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        Err(Status::unimplemented("not yet"))
+        let id = UserId::parse(&request.get_ref().user_id, "user_id")?;
+        let deleted = self.repository.delete_user(id).await?;
+        if deleted {
+            tracing::info!(user_id = %id, "user deleted: personal data erased");
+        } else {
+            tracing::info!(user_id = %id, "user already deleted");
+        }
+        Ok(Response::new(pb::DeleteUserResponse { deleted }))
     }
 
     async fn ensure_user(

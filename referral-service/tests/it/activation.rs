@@ -124,7 +124,7 @@ async fn one_user_racing_eight_codes_activates_exactly_one(pool: PgPool) {
     let mut won = 0;
     for task in tasks {
         match task.await.unwrap() {
-            Ok(()) => won += 1,
+            Ok(_) => won += 1,
             Err(err) => assert_eq!(err, ReferralError::AlreadyActivated),
         }
     }

@@ -15,13 +15,14 @@ use refsys_proto::referral::v1::user_directory_client::UserDirectoryClient;
 use service_kit::authn::Authenticator;
 use service_kit::tokens::{ADMIN_ROLE, Claims};
 use service_kit::tokens::{
-    ENSURE_USER_SCOPE, KeySet, REFERRAL_SERVICE_AUDIENCE, SigningKey, Verifier,
+    DELETE_USER_SCOPE, ENSURE_USER_SCOPE, KeySet, LOOKUP_USER_SCOPE, REFERRAL_SERVICE_AUDIENCE,
+    SigningKey, Verifier,
 };
 use sqlx::PgPool;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{BONUSES, phone, users};
+use crate::{BONUSES, pepper, phone, users};
 
 const ISSUER: &str = "refsys-auth";
 const USER_AUDIENCE: &str = "refsys";
@@ -51,7 +52,10 @@ async fn start(pool: &PgPool) -> Server {
         REFERRAL_SERVICE_AUDIENCE,
         None,
     ));
-    let routes = referral_service::routes(&Repository::new(pool.clone(), BONUSES), authenticator);
+    let routes = referral_service::routes(
+        &Repository::new(pool.clone(), BONUSES, pepper()),
+        authenticator,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -142,7 +146,7 @@ fn hs256_with_public_key(server: &Server, claims: &Claims) -> String {
 
 #[sqlx::test]
 async fn referral_service_needs_a_valid_user_token(pool: PgPool) {
-    let repository = Repository::new(pool.clone(), BONUSES);
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
     let user = users(&repository, 1).await.remove(0);
     let server = start(&pool).await;
     let mut client = ReferralServiceClient::new(server.channel.clone());
@@ -219,7 +223,7 @@ async fn referral_service_needs_a_valid_user_token(pool: PgPool) {
 
 #[sqlx::test]
 async fn user_directory_needs_a_service_token_with_the_scope(pool: PgPool) {
-    let repository = Repository::new(pool.clone(), BONUSES);
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
     let user = users(&repository, 1).await.remove(0);
     let server = start(&pool).await;
     let mut client = UserDirectoryClient::new(server.channel.clone());
@@ -256,7 +260,7 @@ async fn user_directory_needs_a_service_token_with_the_scope(pool: PgPool) {
 
 #[sqlx::test]
 async fn admin_service_needs_the_admin_role(pool: PgPool) {
-    let repository = Repository::new(pool.clone(), BONUSES);
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
     let all = users(&repository, 3).await;
     let server = start(&pool).await;
     let mut client = AdminServiceClient::new(server.channel.clone());
@@ -339,4 +343,259 @@ async fn admin_service_needs_the_admin_role(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+/// Calls one UserDirectory RPC by name with `token` (none when `None`).
+async fn call_directory(
+    client: &mut UserDirectoryClient<Channel>,
+    method: &str,
+    user_id: &str,
+    token: Option<&str>,
+) -> Result<(), tonic::Status> {
+    fn authorized<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+        match token {
+            Some(token) => with_token(message, token),
+            None => tonic::Request::new(message),
+        }
+    }
+    match method {
+        "EnsureUser" => client
+            .ensure_user(authorized(
+                pb::EnsureUserRequest {
+                    phone_number: phone(77).e164().to_owned(),
+                    invite_code: None,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "LookupUser" => client
+            .lookup_user(authorized(
+                pb::LookupUserRequest {
+                    user_id: user_id.to_owned(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "DeleteUser" => client
+            .delete_user(authorized(
+                pb::DeleteUserRequest {
+                    user_id: user_id.to_owned(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        other => panic!("no RPC {other}"),
+    }
+}
+
+#[sqlx::test]
+async fn each_user_directory_rpc_needs_its_own_scope(pool: PgPool) {
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
+    let all = users(&repository, 2).await;
+    let server = start(&pool).await;
+    let mut client = UserDirectoryClient::new(server.channel.clone());
+    let rpcs = [
+        ("EnsureUser", ENSURE_USER_SCOPE),
+        ("LookupUser", LOOKUP_USER_SCOPE),
+        ("DeleteUser", DELETE_USER_SCOPE),
+    ];
+    assert_eq!(
+        referral_service::DIRECTORY_SCOPES,
+        rpcs,
+        "the scopes the proto documents"
+    );
+    // LookupUser reads all[0]; DeleteUser deletes all[1] once its scope is used.
+    let target = |method: &str| {
+        if method == "DeleteUser" {
+            all[1].id.to_string()
+        } else {
+            all[0].id.to_string()
+        }
+    };
+    let user_token = server
+        .key
+        .sign(&user_claims(&all[0].id.to_string(), &[ADMIN_ROLE]))
+        .unwrap();
+    for (method, needed) in rpcs {
+        for (_, other) in rpcs.iter().filter(|(_, scope)| *scope != needed) {
+            let token = server.key.sign(&service_claims(other)).unwrap();
+            let status = call_directory(&mut client, method, &target(method), Some(&token))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::PermissionDenied,
+                "{method} with the scope {other}: {status:?}"
+            );
+        }
+        for (what, token) in [
+            (
+                "a user token with the admin role",
+                Some(user_token.as_str()),
+            ),
+            ("no token", None),
+        ] {
+            let status = call_directory(&mut client, method, &target(method), token)
+                .await
+                .unwrap_err();
+            let expected = if token.is_some() {
+                Code::PermissionDenied
+            } else {
+                Code::Unauthenticated
+            };
+            assert_eq!(status.code(), expected, "{method} with {what}");
+        }
+        let token = server.key.sign(&service_claims(needed)).unwrap();
+        call_directory(&mut client, method, &target(method), Some(&token))
+            .await
+            .unwrap_or_else(|status| panic!("{method} with its scope {needed}: {status:?}"));
+    }
+    // Nothing happened on the refused calls: all[1] was deleted by the one allowed call only,
+    // and a token may carry several scopes.
+    let both = server
+        .key
+        .sign(&service_claims(&format!(
+            "{LOOKUP_USER_SCOPE} {DELETE_USER_SCOPE}"
+        )))
+        .unwrap();
+    let deleted = client
+        .delete_user(with_token(
+            pb::DeleteUserRequest {
+                user_id: all[1].id.to_string(),
+            },
+            &both,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!deleted.deleted, "already deleted by the allowed call");
+    let roles = client
+        .lookup_user(with_token(
+            pb::LookupUserRequest {
+                user_id: all[0].id.to_string(),
+            },
+            &both,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(roles.user_id, all[0].id.to_string());
+}
+
+/// A user deleted while their access token is still valid: every ReferralService RPC with that
+/// token answers NOT_FOUND, through the real server and token check.
+#[sqlx::test]
+async fn a_deleted_users_still_valid_token_is_not_found_on_every_rpc(pool: PgPool) {
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
+    let all = users(&repository, 2).await;
+    let server = start(&pool).await;
+    let mut client = ReferralServiceClient::new(server.channel.clone());
+    let token = server
+        .key
+        .sign(&user_claims(&all[1].id.to_string(), &[]))
+        .unwrap();
+    client
+        .get_profile(with_token(pb::GetProfileRequest {}, &token))
+        .await
+        .expect("alive");
+
+    let delete = server.key.sign(&service_claims(DELETE_USER_SCOPE)).unwrap();
+    let deleted = UserDirectoryClient::new(server.channel.clone())
+        .delete_user(with_token(
+            pb::DeleteUserRequest {
+                user_id: all[1].id.to_string(),
+            },
+            &delete,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+
+    let results = [
+        (
+            "GetProfile",
+            client
+                .get_profile(with_token(pb::GetProfileRequest {}, &token))
+                .await
+                .map(drop),
+        ),
+        (
+            "UpdateProfile",
+            client
+                .update_profile(with_token(
+                    pb::UpdateProfileRequest {
+                        profile: Some(pb::Profile {
+                            first_name: "Back".into(),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["first_name".into()],
+                        }),
+                    },
+                    &token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "ActivateInviteCode",
+            client
+                .activate_invite_code(with_token(
+                    pb::ActivateInviteCodeRequest {
+                        invite_code: all[0].invite_code.clone(),
+                    },
+                    &token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "ListInvitees",
+            client
+                .list_invitees(with_token(pb::ListInviteesRequest::default(), &token))
+                .await
+                .map(drop),
+        ),
+        (
+            "ListBonusTransactions",
+            client
+                .list_bonus_transactions(with_token(
+                    pb::ListBonusTransactionsRequest::default(),
+                    &token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "GetUser of the deleted user themself",
+            client
+                .get_user(with_token(
+                    pb::GetUserRequest {
+                        user_id: all[1].id.to_string(),
+                    },
+                    &token,
+                ))
+                .await
+                .map(drop),
+        ),
+    ];
+    for (rpc, result) in results {
+        assert_eq!(
+            result.map_err(|status| status.code()),
+            Err(Code::NotFound),
+            "{rpc}"
+        );
+    }
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM bonus_ledger")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        0,
+        "the activation wrote nothing"
+    );
 }

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
-use crate::{BONUSES, users};
+use crate::{BONUSES, pepper, users};
 
 fn as_user<T>(user: &UserRecord, message: T) -> Request<T> {
     let mut request = Request::new(message);
@@ -63,7 +63,7 @@ async fn profile(handler: &ReferralHandler, user: &UserRecord) -> pb::Profile {
 }
 
 fn setup(pool: &PgPool) -> (Repository, ReferralHandler) {
-    let repository = Repository::new(pool.clone(), BONUSES);
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
     (repository.clone(), ReferralHandler::new(repository))
 }
 
@@ -274,7 +274,64 @@ async fn activate_invite_code_answers_each_rule_with_its_code(pool: PgPool) {
     assert_eq!((inviter.bonus_points, inviter.invitees_count), (200, 1));
     assert_eq!(inviter.invitees.len(), 1);
     assert_eq!(inviter.invitees[0].user_id, all[1].id.to_string());
-    assert_eq!(inviter.invitees[0].phone_number, all[1].phone_number);
+    assert_eq!(inviter.invitees[0].phone_number, "+7960***0001", "masked");
+}
+
+#[sqlx::test]
+async fn invitee_numbers_are_masked_and_the_own_number_is_not(pool: PgPool) {
+    let (repository, handler) = setup(&pool);
+    let phone = |n: &str| referral_service::domain::PhoneNumber::parse(n, None).unwrap();
+    let (inviter, _) = repository
+        .ensure_user(&phone("+447911123456"))
+        .await
+        .unwrap();
+    let (invitee, _) = repository
+        .ensure_user(&phone("+79601233017"))
+        .await
+        .unwrap();
+    handler
+        .activate_invite_code(as_user(
+            &invitee,
+            pb::ActivateInviteCodeRequest {
+                invite_code: inviter.invite_code.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    let own = profile(&handler, &inviter).await;
+    assert_eq!(
+        own.phone_number, "+447911123456",
+        "the user's own number in full"
+    );
+    assert_eq!(own.invitees.len(), 1);
+    assert_eq!(own.invitees[0].phone_number, "+7960***3017");
+    let listed = handler
+        .list_invitees(as_user(&inviter, pb::ListInviteesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.invitees.len(), 1);
+    assert_eq!(listed.invitees[0].phone_number, "+7960***3017");
+    assert_eq!(listed.invitees[0].user_id, invitee.id.to_string());
+    assert_eq!(
+        profile(&handler, &invitee).await.phone_number,
+        "+79601233017"
+    );
+
+    // An admin's view of the inviter shows invitees as the inviter sees them.
+    let admin = AdminHandler::new(repository.clone());
+    let full = admin
+        .get_user(Request::new(pb::AdminServiceGetUserRequest {
+            user_id: inviter.id.to_string(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(full.phone_number, "+447911123456");
+    assert_eq!(full.invitees[0].phone_number, "+7960***3017");
 }
 
 #[sqlx::test]
@@ -483,7 +540,7 @@ async fn get_user_is_a_public_view(pool: PgPool) {
 
 #[sqlx::test]
 async fn ensure_user_reports_what_happened_to_the_invite_code(pool: PgPool) {
-    let repository = Repository::new(pool.clone(), BONUSES);
+    let repository = Repository::new(pool.clone(), BONUSES, pepper());
     let directory = DirectoryHandler::new(repository);
     let ensure = |phone: &str, code: Option<&str>| {
         directory.ensure_user(Request::new(pb::EnsureUserRequest {

@@ -3,12 +3,13 @@
 
 mod activation;
 mod auth;
+mod deletion;
 mod grpc;
 mod users;
 
 use std::sync::Arc;
 
-use referral_service::domain::{PhoneNumber, UserId};
+use referral_service::domain::{PhoneNumber, PhonePepper, UserId};
 use referral_service::storage::{Bonuses, Repository, UserRecord};
 use sqlx::PgPool;
 
@@ -17,8 +18,13 @@ pub const BONUSES: Bonuses = Bonuses {
     inviter: 200,
 };
 
+/// The pepper of the tests' phone hashes.
+pub fn pepper() -> PhonePepper {
+    PhonePepper::from_bytes(b"test pepper, 16+ bytes").expect("long enough")
+}
+
 pub fn repository(pool: &PgPool) -> Arc<Repository> {
-    Arc::new(Repository::new(pool.clone(), BONUSES))
+    Arc::new(Repository::new(pool.clone(), BONUSES, pepper()))
 }
 
 pub fn phone(n: u32) -> PhoneNumber {

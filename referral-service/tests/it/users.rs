@@ -6,7 +6,7 @@ use referral_service::error::ReferralError;
 use referral_service::storage::Repository;
 use sqlx::PgPool;
 
-use crate::{BONUSES, id, phone, repository, users};
+use crate::{BONUSES, id, pepper, phone, repository, users};
 
 #[sqlx::test]
 async fn concurrent_first_sign_ins_of_one_phone_make_one_user(pool: PgPool) {
@@ -42,6 +42,7 @@ async fn an_invite_code_collision_is_retried_with_a_new_code(pool: PgPool) {
     let repository = Repository::with_code_generator(
         pool.clone(),
         BONUSES,
+        pepper(),
         Arc::new(move || {
             let n = counter.fetch_add(1, Ordering::SeqCst);
             InviteCode::parse(if n < 2 { "AAAAAA" } else { "BBBBBB" }).unwrap()
@@ -137,7 +138,7 @@ async fn the_pool_recovers_after_postgres_drops_every_connection(pool: PgPool) {
         .connect_with(options)
         .await
         .unwrap();
-    let repository = Repository::new(own_pool, BONUSES);
+    let repository = Repository::new(own_pool, BONUSES, pepper());
     let user = repository.ensure_user(&phone(1)).await.unwrap().0;
     for _ in 0..3 {
         sqlx::query(
@@ -171,7 +172,7 @@ async fn an_unreachable_database_is_unavailable_not_internal() {
     )
     .await
     .expect("a lazy pool needs no database to be created");
-    let repository = Repository::new(pool, BONUSES);
+    let repository = Repository::new(pool, BONUSES, pepper());
     let err = repository.ensure_user(&phone(1)).await.unwrap_err();
     assert!(matches!(err, ReferralError::Unavailable(_)), "{err:?}");
     assert!(!repository.is_reachable().await);
