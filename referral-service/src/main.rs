@@ -1,10 +1,12 @@
-//! `referral-service` — serve (default), `migrate`, or `admin grant <phone>`.
+//! `referral-service` — serve (default), `migrate`, `admin grant <phone>` or
+//! `admin revoke <phone>`.
 
 use referral_service::config::Config;
 use referral_service::domain::PhoneNumber;
 use service_kit::config::{ProcessEnv, Settings, exit_on_config_error};
 
-const USAGE: &str = "usage: referral-service [migrate | admin grant <phone>]";
+const USAGE: &str =
+    "usage: referral-service [migrate | admin grant <phone> | admin revoke <phone>]";
 
 #[tokio::main]
 async fn main() {
@@ -18,6 +20,7 @@ async fn main() {
         [] => serve(&config).await,
         ["migrate"] => migrate(&config).await,
         ["admin", "grant", phone] => grant_admin(&config, phone).await,
+        ["admin", "revoke", phone] => revoke_admin(&config, phone).await,
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -67,5 +70,30 @@ async fn grant_admin(config: &Config, phone: &str) -> Result<(), String> {
         Err(format!(
             "no user has the phone number {phone:?}; they must sign in first"
         ))
+    }
+}
+
+async fn revoke_admin(config: &Config, phone: &str) -> Result<(), String> {
+    let phone = PhoneNumber::parse(phone, None).map_err(|err| err.to_string())?;
+    let repository = referral_service::repository(config)
+        .await
+        .map_err(|err| err.to_string())?;
+    match repository
+        .revoke_admin(&phone)
+        .await
+        .map_err(|err| err.to_string())?
+    {
+        Some(true) => {
+            tracing::info!(
+                phone = ?phone,
+                "admin role revoked; access tokens already issued keep it until they expire"
+            );
+            Ok(())
+        }
+        Some(false) => {
+            tracing::info!(phone = ?phone, "the user had no admin role; nothing to revoke");
+            Ok(())
+        }
+        None => Err(format!("no user has the phone number {phone:?}")),
     }
 }

@@ -664,6 +664,23 @@ impl Repository {
         Ok(found.is_some())
     }
 
+    /// Takes the admin role from the user with `phone`: `None` when no such user exists,
+    /// otherwise whether they had it.
+    pub async fn revoke_admin(&self, phone: &PhoneNumber) -> Result<Option<bool>, ReferralError> {
+        let had_it = sqlx::query_scalar!(
+            r#"UPDATE users u
+               SET roles = array_remove(u.roles, 'admin'), updated_at = now()
+               FROM (SELECT id, 'admin' = ANY(roles) AS had_it
+                     FROM users WHERE phone_number = $1 FOR UPDATE) before
+               WHERE u.id = before.id
+               RETURNING before.had_it AS "had_it!""#,
+            phone.e164()
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(had_it)
+    }
+
     /// A live user's roles now (LookupUser); NOT_FOUND for an unknown or deleted user.
     pub async fn roles(&self, id: UserId) -> Result<Vec<String>, ReferralError> {
         sqlx::query_scalar!(

@@ -706,6 +706,8 @@ async fn lookup_user_returns_the_live_roles(pool: PgPool) {
         roles(lookup(format!(" {} ", user.id)).await.unwrap()),
         ["admin"]
     );
+    assert_eq!(h.repository.revoke_admin(&phone).await.unwrap(), Some(true));
+    assert!(roles(lookup(user.id.to_string()).await.unwrap()).is_empty());
 
     let status = lookup(Uuid::now_v7().to_string()).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "never existed");

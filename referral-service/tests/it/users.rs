@@ -107,6 +107,66 @@ async fn granting_admin_adds_the_role_once(pool: PgPool) {
 }
 
 #[sqlx::test]
+async fn revoking_admin_takes_the_role_away(pool: PgPool) {
+    let repository = repository(&pool);
+    let user = users(&repository, 1).await.remove(0);
+    assert_eq!(repository.revoke_admin(&phone(0)).await, Ok(Some(false)));
+    assert!(repository.grant_admin(&phone(0)).await.unwrap());
+    assert_eq!(repository.revoke_admin(&phone(0)).await, Ok(Some(true)));
+    assert!(repository.user(id(&user)).await.unwrap().roles.is_empty());
+    assert_eq!(repository.revoke_admin(&phone(0)).await, Ok(Some(false)));
+    assert_eq!(repository.revoke_admin(&phone(9)).await, Ok(None));
+}
+
+/// `referral-service admin grant|revoke <phone>`, the real binary against this test's database.
+#[sqlx::test]
+async fn admin_grant_and_revoke_commands(pool: PgPool) {
+    let repository = repository(&pool);
+    let user = users(&repository, 1).await.remove(0);
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_referral-service"))
+            .args(args)
+            .env(
+                "DATABASE_URL",
+                format!("postgres://postgres@127.0.0.1:5432/{database}"),
+            )
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("the binary runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let roles = || async { repository.user(id(&user)).await.unwrap().roles };
+
+    let number = phone(0).e164().to_owned();
+    assert_eq!(run(&["admin", "grant", &number]).0, Some(0));
+    assert_eq!(roles().await, ["admin"]);
+    assert_eq!(run(&["admin", "revoke", &number]).0, Some(0));
+    assert!(roles().await.is_empty());
+    assert_eq!(
+        run(&["admin", "revoke", &number]).0,
+        Some(0),
+        "not an admin: done"
+    );
+
+    let (code, stderr) = run(&["admin", "revoke", phone(9).e164()]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no user has the phone number"), "{stderr}");
+    assert!(!stderr.contains(phone(9).e164()), "masked: {stderr}");
+    let (code, stderr) = run(&["admin", "revoke", "not-a-phone"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let (code, stderr) = run(&["admin", "revoke"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("admin revoke <phone>"), "{stderr}");
+}
+
+#[sqlx::test]
 async fn profile_fields_update_only_what_is_given(pool: PgPool) {
     let repository = repository(&pool);
     let user = users(&repository, 1).await.remove(0);
