@@ -181,16 +181,34 @@ async fn sign_in_profile_activate_refresh_sign_out() {
         .get_profile(bearer(GetProfileRequest {}, &rotated.access_token))
         .await
         .expect("the new access token works");
+    // A retry of that refresh (a lost response) gets the very same pair...
+    let retried = auth
+        .refresh_tokens(RefreshTokensRequest {
+            refresh_token: alice.refresh_token.clone(),
+        })
+        .await
+        .expect("a retry within the grace window")
+        .into_inner();
+    assert_eq!(retried.refresh_token, rotated.refresh_token);
+    assert_eq!(retried.access_token, rotated.access_token);
+    // ...but a token two rotations old is theft: the whole family is revoked.
+    let newest = auth
+        .refresh_tokens(RefreshTokensRequest {
+            refresh_token: rotated.refresh_token.clone(),
+        })
+        .await
+        .expect("RefreshTokens")
+        .into_inner();
     let reuse = auth
         .refresh_tokens(RefreshTokensRequest {
             refresh_token: alice.refresh_token.clone(),
         })
         .await
-        .expect_err("a rotated refresh token is refused");
+        .expect_err("an old refresh token is refused");
     assert_eq!(reuse.code(), Code::Unauthenticated);
     let after_reuse = auth
         .refresh_tokens(RefreshTokensRequest {
-            refresh_token: rotated.refresh_token.clone(),
+            refresh_token: newest.refresh_token.clone(),
         })
         .await
         .expect_err("reuse revoked the whole family, the newest token too");

@@ -8,3 +8,4 @@ mod foundation;
 mod journey;
 mod keys;
 mod observability;
+mod sessions;
