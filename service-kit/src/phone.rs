@@ -120,10 +120,22 @@ impl PhoneNumber {
 
     /// A loggable form that hides the middle digits: `+7960***3017`.
     pub fn masked(&self) -> String {
-        let s = &self.e164; // ASCII only: '+' and digits
-        let (head, tail) = if s.len() >= 11 { (5, 4) } else { (3, 2) };
-        format!("{}***{}", &s[..head], &s[s.len() - tail..])
+        mask_e164(&self.e164)
     }
+}
+
+/// Masks a stored E.164 number for display and logs: `+7960***3017`, `+69***90` for short
+/// ones, `***` for anything too short to hide a middle, empty for empty (an erased number).
+/// Works on the stored string, so a list of numbers is masked without parsing each one.
+pub fn mask_e164(e164: &str) -> String {
+    if e164.is_empty() {
+        return String::new();
+    }
+    if !e164.is_ascii() || e164.len() < 6 {
+        return "***".to_owned();
+    }
+    let (head, tail) = if e164.len() >= 11 { (5, 4) } else { (3, 2) };
+    format!("{}***{}", &e164[..head], &e164[e164.len() - tail..])
 }
 
 /// The snake-case name of a number type, as `SMS_ALLOWED_NUMBER_TYPES` spells it.
@@ -275,6 +287,22 @@ mod tests {
         let freephone = PhoneNumber::parse("+800 1234 5678", None).unwrap();
         assert_eq!(freephone.region(), None);
         assert_eq!(freephone.region_code(), "001");
+    }
+
+    #[test]
+    fn stored_numbers_mask_without_parsing() {
+        assert_eq!(mask_e164("+79601233017"), "+7960***3017");
+        assert_eq!(mask_e164("+6907290"), "+69***90");
+        assert_eq!(mask_e164(""), "", "an erased number stays empty");
+        assert_eq!(mask_e164("+123"), "***", "too short to hide anything");
+        assert_eq!(mask_e164("+7960١٢٣٣٠١٧"), "***");
+        for digits in 6..=16 {
+            let number = format!("+{}", "5".repeat(digits - 1));
+            let masked = mask_e164(&number);
+            assert!(masked.contains("***"), "{masked}");
+            let shown = masked.chars().filter(char::is_ascii_digit).count();
+            assert!(shown < digits - 1, "{number} -> {masked} shows every digit");
+        }
     }
 
     #[test]
