@@ -9,6 +9,8 @@ const PROTOS: &[&str] = &[
     "refsys/referral/v1/referral_service.proto",
     "refsys/referral/v1/user_directory.proto",
     "refsys/referral/v1/admin_service.proto",
+    "refsys/referral/v1/points_service.proto",
+    "refsys/referral/v1/event_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -487,6 +487,12 @@ mod tests {
             ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
                 Err(Status::unimplemented("keys only"))
             }
+            async fn issue_service_token(
+                &self,
+                _: Request<pb::IssueServiceTokenRequest>,
+            ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
+                Err(Status::unimplemented("keys only"))
+            }
             async fn get_jwks(
                 &self,
                 _: Request<pb::GetJwksRequest>,

@@ -65,6 +65,9 @@ pub fn transaction(entry: LedgerEntry) -> pb::BonusTransaction {
         reason: reason.into(),
         counterpart_user_id: entry.counterpart_user_id.to_string(),
         created_at: Some(timestamp(entry.created_at)),
+        // Activation entries have no caller's note; redemptions and grants will.
+        note: String::new(),
+        requested_by: String::new(),
     }
 }
 
