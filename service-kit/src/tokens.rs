@@ -24,6 +24,14 @@ pub const ENSURE_USER_SCOPE: &str = "referral.users.ensure";
 pub const LOOKUP_USER_SCOPE: &str = "referral.users.read";
 /// Scope a service token needs for `UserDirectory.DeleteUser`.
 pub const DELETE_USER_SCOPE: &str = "referral.users.delete";
+/// Scope of `PointsService` reads (a user's balance), for service clients.
+pub const POINTS_READ_SCOPE: &str = "referral.points.read";
+/// Scope of `PointsService` redemptions (spending a user's points), for service clients.
+pub const POINTS_REDEEM_SCOPE: &str = "referral.points.redeem";
+/// Scope of `PointsService` grants (adding points to a user's balance), for service clients.
+pub const POINTS_GRANT_SCOPE: &str = "referral.points.grant";
+/// Scope of `EventService` (reading the referral event stream), for service clients.
+pub const EVENTS_READ_SCOPE: &str = "referral.events.read";
 
 /// The claims of every refsys token. User tokens carry `roles`; service tokens carry `scope`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
