@@ -97,8 +97,6 @@ async fn main() {
     };
     let capture = capture::CodeCapture::default();
     let capture_url = capture.start().await;
-    // Every flow uses a fresh phone, so only the per-client cap (all load comes from one
-    // address) needs lifting, to its maximum.
     let started = Instant::now();
     // The process lives for one run, so leaking the few keys given on the command line is fine.
     let extra: Vec<(&'static str, String)> = options
@@ -110,7 +108,18 @@ async fn main() {
         auth_env: [
             ("TWILIO_API_BASE", capture_url),
             ("RUST_LOG", "warn".into()),
+            // These scenarios measure throughput, not the abuse limits: every sign-in comes
+            // from one address (no proxy is trusted, so the client is the TCP peer) to the next
+            // +7999 number, i.e. one region and a new block every 10,000 numbers, ~70,000 sends
+            // in a full run. So every send budget is at its maximum. The client failure cap
+            // too: a verification takes one of its slots before it looks and gives it back on
+            // success, so 64 concurrent sign-ins from one address would be refused past 30
+            // even though none fails.
             ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "1000000".into()),
+            ("SMS_MAX_SENDS_PER_HOUR", "100000000".into()),
+            ("SMS_MAX_SENDS_PER_REGION_PER_HOUR", "100000000".into()),
+            ("SMS_MAX_SENDS_PER_PREFIX_PER_HOUR", "1000000".into()),
+            ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "1000000".into()),
             ("OTP_RESEND_COOLDOWN_SECONDS", "1".into()),
         ]
         .into_iter()
