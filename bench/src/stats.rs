@@ -15,12 +15,7 @@ impl Recorder {
             Ok(_) => self
                 .latencies_us
                 .push(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)),
-            Err(status) => {
-                *self
-                    .errors
-                    .entry(format!("{:?}", status.code()))
-                    .or_default() += 1
-            }
+            Err(status) => *self.errors.entry(error_label(status)).or_default() += 1,
         }
     }
 
@@ -29,6 +24,16 @@ impl Recorder {
         for (code, count) in other.errors {
             *self.errors.entry(code).or_default() += count;
         }
+    }
+}
+
+/// The gRPC code of a failed call, with the `google.rpc.ErrorInfo` reason when the service
+/// gave one (which limit refused): `ResourceExhausted/SMS_PREFIX_BUDGET`.
+pub fn error_label(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    match status.get_details_error_info() {
+        Some(info) => format!("{:?}/{}", status.code(), info.reason),
+        None => format!("{:?}", status.code()),
     }
 }
 
