@@ -1,4 +1,5 @@
-//! A Twilio-compatible endpoint fast enough for load: keeps the latest code per phone number.
+//! A Twilio-compatible endpoint fast enough for load: keeps the latest code per phone number
+//! and counts every message delivered, per number (what an SMS provider would bill).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -12,7 +13,15 @@ use hyper::{Request, Response};
 
 #[derive(Clone, Default)]
 pub struct CodeCapture {
-    codes: Arc<Mutex<HashMap<String, String>>>,
+    inner: Arc<Mutex<Captured>>,
+}
+
+#[derive(Default)]
+struct Captured {
+    /// The latest code per number, until taken.
+    codes: HashMap<String, String>,
+    /// Messages delivered per number.
+    delivered: HashMap<String, u64>,
 }
 
 impl CodeCapture {
@@ -59,10 +68,10 @@ impl CodeCapture {
                 _ => {}
             }
         }
-        self.codes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(to, code);
+        let mut captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        *captured.delivered.entry(to.clone()).or_default() += 1;
+        captured.codes.insert(to, code);
+        drop(captured);
         Ok(Response::builder()
             .status(201)
             .body(Full::new(Bytes::from_static(br#"{"status":"queued"}"#)))
@@ -71,9 +80,22 @@ impl CodeCapture {
 
     /// Takes the latest code sent to `phone` (E.164).
     pub fn take(&self, phone: &str) -> Option<String> {
-        self.codes
+        self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .codes
             .remove(phone)
+    }
+
+    /// Messages delivered so far to numbers starting with `prefix` (E.164).
+    pub fn delivered_to(&self, prefix: &str) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .delivered
+            .iter()
+            .filter(|(to, _)| to.starts_with(prefix))
+            .map(|(_, count)| count)
+            .sum()
     }
 }

@@ -3,9 +3,14 @@
 //! for a fixed time, and prints requests/s, latency percentiles, errors by gRPC code and the
 //! services' peak RSS. `--write docs/BENCHMARKS.md` also writes the report there.
 //!
-//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale]
+//! `abuse` (not in the default set) attacks a second stack that runs auth-service's production
+//! limits: see [`abuse`]. Its report has a section of its own in the file, so running it alone
+//! leaves the other scenarios' table as it was, and the other way round.
+//!
+//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale,abuse]
 //!                [--service-env KEY=VALUE ...] [--write FILE]
 
+mod abuse;
 mod capture;
 mod scenarios;
 mod seed;
@@ -86,6 +91,11 @@ fn machine_description() -> String {
     )
 }
 
+/// Every scenario `--scenarios` accepts; all but `abuse` run on one stack with the limits lifted.
+const SCENARIOS: [&str; 7] = [
+    "signin", "profile", "activate", "refresh", "mixed", "scale", "abuse",
+];
+
 #[tokio::main]
 async fn main() {
     let options = match parse_args() {
@@ -95,26 +105,70 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let capture = capture::CodeCapture::default();
-    let capture_url = capture.start().await;
-    let started = Instant::now();
+    if let Some(unknown) = options
+        .scenarios
+        .iter()
+        .find(|s| !SCENARIOS.contains(&s.as_str()))
+    {
+        eprintln!("error: unknown scenario {unknown}");
+        std::process::exit(2);
+    }
     // The process lives for one run, so leaking the few keys given on the command line is fine.
     let extra: Vec<(&'static str, String)> = options
         .service_env
         .iter()
         .map(|(k, v)| (&*Box::leak(k.clone().into_boxed_str()), v.clone()))
         .collect();
+    let regular: Vec<&str> = options
+        .scenarios
+        .iter()
+        .map(String::as_str)
+        .filter(|s| *s != "abuse")
+        .collect();
+    if !regular.is_empty() {
+        let results = run_regular(&options, &regular, &extra).await;
+        write_or_exit(&options, RESULTS_START, RESULTS_END, &results);
+    }
+    if options.scenarios.iter().any(|s| s == "abuse") {
+        println!("\nabuse (production limits, a stack of its own):\n");
+        let report = abuse::run(
+            options.concurrency,
+            Duration::from_secs(options.seconds),
+            &extra,
+        )
+        .await;
+        let section = format!(
+            "Measured by `loadgen --scenarios abuse --seconds {} --concurrency {}` (release build) on {}.\n\n\
+             Machine: {}.\n\n{report}\n",
+            options.seconds,
+            options.concurrency,
+            today(),
+            machine_description()
+        );
+        write_or_exit(&options, ABUSE_START, ABUSE_END, &section);
+    }
+}
+
+/// The throughput scenarios on one stack; returns the report for the results section.
+async fn run_regular(
+    options: &Options,
+    scenarios: &[&str],
+    extra: &[(&'static str, String)],
+) -> String {
+    let capture = capture::CodeCapture::default();
+    let capture_url = capture.start().await;
+    let started = Instant::now();
     let stack = Stack::start_with(StackOptions {
         auth_env: [
             ("TWILIO_API_BASE", capture_url),
             ("RUST_LOG", "warn".into()),
-            // These scenarios measure throughput, not the abuse limits: every sign-in comes
-            // from one address (no proxy is trusted, so the client is the TCP peer) to the next
-            // +7999 number, i.e. one region and a new block every 10,000 numbers, ~70,000 sends
-            // in a full run. So every send budget is at its maximum. The client failure cap
-            // too: a verification takes one of its slots before it looks and gives it back on
-            // success, so 64 concurrent sign-ins from one address would be refused past 30
-            // even though none fails.
+            // These scenarios measure throughput, not the abuse limits (`abuse` does): every
+            // sign-in comes from one address (no proxy is trusted, so the client is the TCP
+            // peer) to the next +7999 number, i.e. one region and a new block every 10,000
+            // numbers, ~70,000 sends in a full run. So every send budget is at its maximum.
+            // The client failure cap too: a verification takes one of its slots before it
+            // looks and gives it back on success, so 64 concurrent sign-ins from one address
+            // would be refused past 30 even though none fails.
             ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "1000000".into()),
             ("SMS_MAX_SENDS_PER_HOUR", "100000000".into()),
             ("SMS_MAX_SENDS_PER_REGION_PER_HOUR", "100000000".into()),
@@ -144,8 +198,8 @@ async fn main() {
     let mut report = vec![stats::Summary::header().to_owned()];
     let mut notes = Vec::new();
     println!("{}", stats::Summary::header());
-    for scenario in &options.scenarios {
-        let summaries = match scenario.as_str() {
+    for scenario in scenarios {
+        let summaries = match *scenario {
             "signin" => vec![bench.signin(duration).await],
             "profile" => vec![bench.profile(duration).await],
             "activate" => {
@@ -160,10 +214,7 @@ async fn main() {
                 notes.push(note);
                 summaries
             }
-            other => {
-                eprintln!("error: unknown scenario {other}");
-                std::process::exit(2);
-            }
+            other => unreachable!("scenario {other} was checked"),
         };
         for mut summary in summaries {
             summary.auth_rss_mb = stats::rss_mb(stack.auth.pid()).1;
@@ -192,41 +243,49 @@ async fn main() {
         notes.join("\n")
     );
     println!("{summary}");
-    if let Some(path) = options.write {
-        let results = format!(
-            "Measured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`) on {}.\n\n\
-             Machine: {}.\n\n{}\n{}",
-            options.seconds,
-            options.concurrency,
-            today(),
-            machine_description(),
-            report.join("\n"),
-            summary
-        );
-        if let Err(err) = write_results(&path, &results) {
-            eprintln!("error: cannot write {path}: {err}");
-            std::process::exit(1);
-        }
+    format!(
+        "Measured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`) on {}.\n\n\
+         Machine: {}.\n\n{}\n{}",
+        options.seconds,
+        options.concurrency,
+        today(),
+        machine_description(),
+        report.join("\n"),
+        summary
+    )
+}
+
+fn write_or_exit(options: &Options, start: &str, end: &str, content: &str) {
+    let Some(path) = &options.write else { return };
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let document = replace_section(&existing, start, end, content);
+    if let Err(err) = std::fs::write(path, document) {
+        eprintln!("error: cannot write {path}: {err}");
+        std::process::exit(1);
     }
 }
 
 const RESULTS_START: &str = "<!-- loadgen results: start -->";
 const RESULTS_END: &str = "<!-- loadgen results: end -->";
+const ABUSE_START: &str = "<!-- loadgen abuse: start -->";
+const ABUSE_END: &str = "<!-- loadgen abuse: end -->";
 
-/// Replaces the generated part of the report (between the markers) and keeps the hand-written
-/// analysis around it; creates the file when it does not exist.
-fn write_results(path: &str, results: &str) -> std::io::Result<()> {
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
-    let block = format!("{RESULTS_START}\n{results}\n{RESULTS_END}");
-    let document = match (existing.find(RESULTS_START), existing.find(RESULTS_END)) {
-        (Some(start), Some(end)) if start < end => format!(
-            "{}{block}{}",
-            &existing[..start],
-            &existing[end + RESULTS_END.len()..]
-        ),
-        _ => format!("# Benchmarks\n\n{block}\n"),
-    };
-    std::fs::write(path, document)
+/// `document` with the generated section between `start` and `end` replaced by `content`;
+/// everything outside the markers (the hand-written analysis, other sections) is kept. A
+/// document without the markers gets the section appended (a new one gets a title first).
+fn replace_section(document: &str, start: &str, end: &str, content: &str) -> String {
+    let block = format!("{start}\n{content}\n{end}");
+    if let Some(from) = document.find(start)
+        && let Some(to) = document[from..].find(end)
+    {
+        let to = from + to + end.len();
+        return format!("{}{block}{}", &document[..from], &document[to..]);
+    }
+    if document.trim().is_empty() {
+        format!("# Benchmarks\n\n{block}\n")
+    } else {
+        format!("{}\n\n{block}\n", document.trim_end())
+    }
 }
 
 fn today() -> String {
@@ -235,4 +294,44 @@ fn today() -> String {
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "# Benchmarks\n\nintro\n\n<!-- loadgen results: start -->\nold table\n<!-- loadgen results: end -->\n\nanalysis\n\n## Abuse\n\n<!-- loadgen abuse: start -->\nold abuse\n<!-- loadgen abuse: end -->\n\nabuse analysis\n";
+
+    #[test]
+    fn each_section_is_replaced_alone() {
+        let results = replace_section(DOC, RESULTS_START, RESULTS_END, "new table");
+        assert_eq!(results, DOC.replace("old table", "new table"));
+        let abuse = replace_section(DOC, ABUSE_START, ABUSE_END, "new abuse");
+        assert_eq!(abuse, DOC.replace("old abuse", "new abuse"));
+    }
+
+    #[test]
+    fn a_missing_section_is_appended_and_nothing_is_lost() {
+        let without = DOC.replace(
+            "<!-- loadgen abuse: start -->\nold abuse\n<!-- loadgen abuse: end -->\n",
+            "",
+        );
+        let written = replace_section(&without, ABUSE_START, ABUSE_END, "abuse");
+        assert!(written.starts_with(without.trim_end()));
+        assert!(
+            written
+                .ends_with("<!-- loadgen abuse: start -->\nabuse\n<!-- loadgen abuse: end -->\n")
+        );
+        assert_eq!(
+            replace_section("", RESULTS_START, RESULTS_END, "t"),
+            "# Benchmarks\n\n<!-- loadgen results: start -->\nt\n<!-- loadgen results: end -->\n"
+        );
+    }
+
+    #[test]
+    fn an_end_marker_before_the_start_is_not_a_section() {
+        let odd = "<!-- loadgen abuse: end -->\ntext\n<!-- loadgen abuse: start -->\n";
+        let written = replace_section(odd, ABUSE_START, ABUSE_END, "x");
+        assert!(written.starts_with(odd.trim_end()));
+    }
 }
