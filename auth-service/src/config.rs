@@ -36,6 +36,10 @@
 //! | `SMS_FRAUD_BLOCK_SECONDS` | `3600` | how long `enforce` suspends a region, 60..=604800 |
 //! | `TEST_PHONE_NUMBERS` | unset | `+79990000001=4321,…`: no SMS, no send limits, fixed code |
 //! | `OTP_PEPPER_FILE` | unset: random per process + warning | secret keying the code hash, at least 16 bytes |
+//! | `SERVICE_CLIENTS_FILE` | unset: no service clients | JSON list of internal clients that may call `IssueServiceToken`: id, SHA-256 of the secret, scopes (format in [`crate::service_clients`]) |
+//! | `SERVICE_TOKEN_TTL_SECONDS` | `600` | life of a token from `IssueServiceToken`, 60..=3600 |
+//! | `SERVICE_TOKEN_MAX_ISSUES_PER_CLIENT_PER_MINUTE` | `60` | `IssueServiceToken` attempts per client id, right or wrong (all unknown ids share one count), 1..=100000 |
+//! | `SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE` | `10` | wrong secrets per client id; then the id is refused, even with the right secret, until its minute ends, 1..=10000 |
 //! | `TRUSTED_PROXY_HOPS` | `0` | proxies whose `x-forwarded-for` entry is trusted, 0..=10 |
 //! | `PHONE_DEFAULT_REGION` | unset: a leading `+` is required | ISO 3166 region for national formats, e.g. `RU` |
 //! | `SMS_PROVIDER` | `log` | `log` (dev: the code is logged) or `twilio` |
@@ -54,11 +58,13 @@ pub use service_kit::config::{ConfigError, ProcessEnv, ServerSettings, Settings,
 use crate::otp::{CodeLength, MAX_CODE_LENGTH, MIN_CODE_LENGTH, Pepper};
 use crate::phone::Region;
 use crate::policy::{DEFAULT_NUMBER_TYPES, SmsPolicy, TestNumbers};
+use crate::service_clients::{CLIENTS_FILE_KEY, ServiceClients};
 use crate::sms::{DEFAULT_TEMPLATE, TwilioSettings};
 use crate::store::DEFAULT_KEY_PREFIX;
 use crate::store::fraud::{FraudMode, FraudSettings};
 use crate::store::otp::OtpLimits;
 use crate::store::refresh::SessionLimits;
+use crate::store::service_tokens::ServiceTokenLimits;
 
 /// Which SMS provider delivers codes.
 #[derive(Debug, Clone)]
@@ -94,6 +100,13 @@ pub struct AuthConfig {
     /// `TEST_PHONE_NUMBERS`.
     pub test_numbers: TestNumbers,
     pub otp_pepper_file: Option<PathBuf>,
+    /// `SERVICE_CLIENTS_FILE`, read and validated.
+    pub service_clients: ServiceClients,
+    /// `SERVICE_TOKEN_TTL_SECONDS`.
+    pub service_token_ttl: Duration,
+    /// `SERVICE_TOKEN_MAX_ISSUES_PER_CLIENT_PER_MINUTE`,
+    /// `SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE`.
+    pub service_token_limits: ServiceTokenLimits,
     pub trusted_proxy_hops: usize,
     pub phone_default_region: Option<Region>,
     pub sms_template: String,
@@ -273,6 +286,25 @@ impl AuthConfig {
             _ => SmsProvider::Log,
         };
 
+        // Read now, so a bad file stops the start with exit code 2 like any bad setting.
+        let service_clients = match s.raw(CLIENTS_FILE_KEY) {
+            Some(path) => ServiceClients::load(std::path::Path::new(path.trim()))?,
+            None => ServiceClients::default(),
+        };
+        let service_token_limits = ServiceTokenLimits {
+            max_issues: s.get_in_range(
+                "SERVICE_TOKEN_MAX_ISSUES_PER_CLIENT_PER_MINUTE",
+                60,
+                1..=100_000,
+            )?,
+            max_failures: s.get_in_range(
+                "SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE",
+                10,
+                1..=10_000,
+            )?,
+            ..ServiceTokenLimits::default()
+        };
+
         let jwt_previous_public_keys = s
             .raw("JWT_PREVIOUS_PUBLIC_KEYS")
             .map(|raw| {
@@ -310,6 +342,9 @@ impl AuthConfig {
             fraud,
             test_numbers,
             otp_pepper_file: s.raw("OTP_PEPPER_FILE").map(PathBuf::from),
+            service_clients,
+            service_token_ttl: secs(&s, "SERVICE_TOKEN_TTL_SECONDS", 600, 60..=3600)?,
+            service_token_limits,
             trusted_proxy_hops: s.get_in_range("TRUSTED_PROXY_HOPS", 0, 0..=10)?,
             phone_default_region,
             sms_template,
@@ -414,6 +449,16 @@ mod tests {
         assert!(c.test_numbers.is_empty());
         assert_eq!(l.failure_window, Duration::from_secs(86_400));
         assert!(c.otp_pepper_file.is_none());
+        assert!(c.service_clients.is_empty());
+        assert_eq!(c.service_token_ttl, Duration::from_secs(600));
+        assert_eq!(
+            c.service_token_limits,
+            ServiceTokenLimits {
+                max_issues: 60,
+                max_failures: 10,
+                window: Duration::from_secs(60)
+            }
+        );
         assert_eq!(c.trusted_proxy_hops, 0);
         assert!(c.phone_default_region.is_none());
         assert_eq!(c.sms_template, "Your refsys code: {code}");
@@ -492,6 +537,11 @@ mod tests {
             ("REFRESH_REUSE_GRACE_SECONDS", "301"),
             ("OTP_MAX_FAILED_PER_PHONE_PER_CLIENT_PER_DAY", "0"),
             ("TEST_PHONE_NUMBERS", "+79990000001"),
+            ("SERVICE_TOKEN_TTL_SECONDS", "59"),
+            ("SERVICE_TOKEN_TTL_SECONDS", "3601"),
+            ("SERVICE_TOKEN_MAX_ISSUES_PER_CLIENT_PER_MINUTE", "0"),
+            ("SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE", "0"),
+            ("SERVICE_CLIENTS_FILE", "/nonexistent/clients.json"),
         ] {
             let err = config(&[(key, value)]).unwrap_err();
             let line = err.to_string();
@@ -542,5 +592,72 @@ mod tests {
         let err = with(&dir.path().join("missing")).load_pepper().unwrap_err();
         assert!(err.to_string().contains("OTP_PEPPER_FILE"));
         assert!(config(&[]).unwrap().load_pepper().is_ok());
+    }
+
+    #[test]
+    fn service_clients_file_is_read_and_checked_at_start() {
+        use crate::service_clients::tests::sha256_hex;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let hash = sha256_hex("s3cret-shop");
+        let good = write(
+            "good.json",
+            &format!(
+                r#"{{"clients": [{{"id": "shop", "secret_sha256": "{hash}", "scopes": ["referral.points.read", "referral.events.read"]}}]}}"#
+            ),
+        );
+        let c = config(&[
+            ("SERVICE_CLIENTS_FILE", &good),
+            ("SERVICE_TOKEN_TTL_SECONDS", "120"),
+            ("SERVICE_TOKEN_MAX_ISSUES_PER_CLIENT_PER_MINUTE", "5"),
+            ("SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.service_clients.ids(), ["shop"]);
+        assert_eq!(c.service_token_ttl, Duration::from_secs(120));
+        assert_eq!(
+            (
+                c.service_token_limits.max_issues,
+                c.service_token_limits.max_failures
+            ),
+            (5, 2)
+        );
+        assert!(!format!("{c:?}").contains(&hash), "Debug shows the hash");
+
+        for (name, text) in [
+            ("syntax.json", "{\"clients\": [".to_owned()),
+            (
+                "internal.json",
+                format!(
+                    r#"{{"clients": [{{"id": "shop", "secret_sha256": "{hash}", "scopes": ["referral.users.ensure"]}}]}}"#
+                ),
+            ),
+            (
+                "duplicate.json",
+                format!(
+                    r#"{{"clients": [{{"id": "a", "secret_sha256": "{hash}", "scopes": ["referral.points.read"]}}, {{"id": "a", "secret_sha256": "{hash}", "scopes": ["referral.points.read"]}}]}}"#
+                ),
+            ),
+            (
+                "short.json",
+                format!(
+                    r#"{{"clients": [{{"id": "a", "secret_sha256": "{}", "scopes": ["referral.points.read"]}}]}}"#,
+                    &hash[1..]
+                ),
+            ),
+        ] {
+            let path = write(name, &text);
+            let line = config(&[("SERVICE_CLIENTS_FILE", &path)])
+                .unwrap_err()
+                .to_string();
+            assert!(line.contains("SERVICE_CLIENTS_FILE"), "{name}: {line}");
+            assert!(line.contains(name), "{name}: the path is shown: {line}");
+            assert!(!line.contains('\n'), "{line}");
+            assert!(!line.contains(&hash[1..20]), "{name}: {line}");
+        }
     }
 }

@@ -13,6 +13,10 @@ use crate::policy::PolicyRefusal;
 pub const CODE_REJECTED: &str =
     "the code is wrong, expired or already used; check it or request a new code";
 
+/// The one answer to IssueServiceToken credentials that are not accepted: an unknown client id
+/// and a wrong secret are indistinguishable.
+pub const SERVICE_CLIENT_REJECTED: &str = "unknown client id or wrong client secret";
+
 /// A dependency auth-service needs to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dependency {
@@ -57,10 +61,16 @@ pub enum Limit {
     PhoneClientDailyFailures,
     /// `OTP_MAX_FAILED_PER_PHONE_PER_DAY`: verification of this phone is locked for everyone.
     PhoneDailyFailures,
+    /// `SERVICE_TOKEN_MAX_ISSUES_PER_CLIENT_PER_MINUTE`: IssueServiceToken attempts for one
+    /// client id (every id that is not configured shares one count).
+    ServiceTokenIssues,
+    /// `SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE`: wrong secrets for one client id; the
+    /// id is refused, right secret or not, until the window ends.
+    ServiceTokenFailures,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 12] = [
         Self::ResendCooldown,
         Self::PhoneHourlySends,
         Self::ClientHourlySends,
@@ -71,6 +81,8 @@ impl Limit {
         Self::ClientHourlyFailures,
         Self::PhoneClientDailyFailures,
         Self::PhoneDailyFailures,
+        Self::ServiceTokenIssues,
+        Self::ServiceTokenFailures,
     ];
 
     fn message(self) -> &'static str {
@@ -87,6 +99,12 @@ impl Limit {
             Self::ClientHourlyFailures => "too many wrong codes from this client; try again later",
             Self::PhoneClientDailyFailures | Self::PhoneDailyFailures => {
                 "too many failed verifications for this phone; try again later"
+            }
+            Self::ServiceTokenIssues => {
+                "too many service-token requests for this client; try again later"
+            }
+            Self::ServiceTokenFailures => {
+                "too many failed service-token requests for this client; try again later"
             }
         }
     }
@@ -105,6 +123,8 @@ impl Limit {
             Self::ClientHourlyFailures => "CLIENT_FAILURE_LIMIT",
             Self::PhoneClientDailyFailures => "PHONE_CLIENT_FAILURE_LIMIT",
             Self::PhoneDailyFailures => "PHONE_FAILURE_LIMIT",
+            Self::ServiceTokenIssues => "SERVICE_TOKEN_RATE_LIMIT",
+            Self::ServiceTokenFailures => "SERVICE_TOKEN_FAILURE_LIMIT",
         }
     }
 
@@ -290,6 +310,8 @@ mod tests {
             .collect();
         assert_eq!(reasons.len(), Limit::ALL.len(), "reasons must be distinct");
         assert!(reasons.contains("SMS_FRAUD_SUSPECTED"));
+        assert!(reasons.contains("SERVICE_TOKEN_RATE_LIMIT"));
+        assert!(reasons.contains("SERVICE_TOKEN_FAILURE_LIMIT"));
     }
 
     #[test]

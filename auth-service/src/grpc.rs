@@ -11,17 +11,19 @@ use tonic::{Request, Response, Status};
 
 use crate::client::ClientId;
 use crate::directory::{Directory, EnsuredUser};
-use crate::error::{AuthError, Dependency};
+use crate::error::{AuthError, Dependency, SERVICE_CLIENT_REJECTED};
 use crate::metrics;
 use crate::otp::{CodeLength, OtpCode, Pepper};
 use crate::phone::{PhoneNumber, Region};
 use crate::policy::{SmsPolicy, TestNumbers};
+use crate::service_clients::{self, MAX_CLIENT_ID_BYTES, MAX_SECRET_BYTES, ServiceClients};
 use crate::sms::SmsSender;
 use crate::store::fraud::RegionStanding;
 use crate::store::otp::{SendAdmission, VerifyOutcome};
 use crate::store::refresh::{
     FamilyOwner, IssuedRefreshToken, RefreshToken, RotateOutcome, valid_session_id,
 };
+use crate::store::service_tokens::{Admission, ServiceTokenStore};
 use crate::store::{OtpStore, RefreshStore};
 use crate::tokens::{Clock, TokenIssuer};
 
@@ -43,6 +45,12 @@ pub struct AuthHandler {
     pub phone_region: Option<Region>,
     pub issuer: Arc<TokenIssuer>,
     pub directory: Directory,
+    /// `SERVICE_CLIENTS_FILE`: who may call IssueServiceToken.
+    pub service_clients: ServiceClients,
+    /// The attempt and failure budgets of IssueServiceToken.
+    pub service_tokens: ServiceTokenStore,
+    /// `SERVICE_TOKEN_TTL_SECONDS`.
+    pub service_token_ttl: Duration,
     pub trusted_proxy_hops: usize,
     /// `REQUEST_TIMEOUT_SECONDS`: no call runs longer, whatever deadline its caller set.
     pub server_timeout: Duration,
@@ -441,9 +449,91 @@ impl AuthHandler {
             .map_err(|_| AuthError::invalid("user_id", "expected a user id (UUID)"))
     }
 
+    /// OAuth 2.0 client credentials: checks the request's shape (before any hashing or
+    /// counting), admits the attempt on the client id's budgets, checks the secret in constant
+    /// time, then the scopes, and mints a service token for referral-service.
+    async fn issue_service_token(
+        &self,
+        request: &pb::IssueServiceTokenRequest,
+    ) -> Result<pb::IssueServiceTokenResponse, AuthError> {
+        let id = request.client_id.as_str();
+        let secret = request.client_secret.as_str();
+        if id.is_empty() {
+            return Err(AuthError::invalid("client_id", "required"));
+        }
+        if id.len() > MAX_CLIENT_ID_BYTES {
+            return Err(AuthError::invalid(
+                "client_id",
+                format!("at most {MAX_CLIENT_ID_BYTES} bytes"),
+            ));
+        }
+        if secret.is_empty() {
+            return Err(AuthError::invalid("client_secret", "required"));
+        }
+        if secret.len() > MAX_SECRET_BYTES {
+            return Err(AuthError::invalid(
+                "client_secret",
+                format!("at most {MAX_SECRET_BYTES} bytes"),
+            ));
+        }
+        let requested = service_clients::parse_requested(&request.scopes)
+            .map_err(|why| AuthError::invalid("scopes", why))?;
+
+        // From here on, an unknown id takes exactly the path of a wrong secret: the shared
+        // budgets of unknown ids, one SHA-256, one constant-time comparison, one answer.
+        let client = self.service_clients.get(id);
+        let attempt = match self.service_tokens.admit(client).await? {
+            Admission::Admitted(attempt) => attempt,
+            Admission::Refused { limit, retry_after } => {
+                return Err(AuthError::RateLimited { limit, retry_after });
+            }
+        };
+        let Some(client) = self.service_clients.verify(client, secret) else {
+            return Err(AuthError::Unauthenticated(SERVICE_CLIENT_REJECTED));
+        };
+        if let Err(err) = self.service_tokens.succeeded(attempt).await {
+            // The credentials were right: a failure slot that stays taken only errs towards
+            // refusing sooner.
+            tracing::warn!(client = client.id(), error = %err, "could not give back a failure slot");
+        }
+        let scopes = client.grant(&requested).map_err(|missing| {
+            tracing::info!(client = client.id(), scope = missing, "a service client asked for a scope it does not hold");
+            AuthError::PermissionDenied(
+                "this client does not hold every requested scope; ask for fewer, or for none to get all it holds",
+            )
+        })?;
+        let token = self.issuer.scoped_token(
+            client.id(),
+            service_kit::tokens::REFERRAL_SERVICE_AUDIENCE,
+            &scopes,
+            self.service_token_ttl,
+        )?;
+        metrics::SERVICE_TOKENS_ISSUED
+            .with_label_values(&[client.id()])
+            .inc();
+        tracing::info!(client = client.id(), scopes = %scopes.join(" "), "service token issued");
+        Ok(pb::IssueServiceTokenResponse {
+            access_token: token.token,
+            expire_time: Some(timestamp(token.expires_at)),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        })
+    }
+
     fn parse_refresh_token(input: &str) -> Result<RefreshToken, AuthError> {
         RefreshToken::parse(input.trim())
             .ok_or_else(|| AuthError::invalid("refresh_token", "not a refresh token"))
+    }
+}
+
+/// The `reason` label of a refused IssueServiceToken.
+fn service_token_refusal(err: &AuthError) -> String {
+    match err {
+        AuthError::InvalidArgument { .. } => "invalid_argument".to_owned(),
+        AuthError::Unauthenticated(_) => "unauthenticated".to_owned(),
+        AuthError::PermissionDenied(_) => "permission_denied".to_owned(),
+        AuthError::RateLimited { limit, .. } => limit.label(),
+        AuthError::Unavailable { .. } => "unavailable".to_owned(),
+        _ => "error".to_owned(),
     }
 }
 
@@ -460,12 +550,29 @@ fn verification_label(result: &Result<pb::VerifyCodeResponse, AuthError>) -> &'s
 
 #[tonic::async_trait]
 impl AuthService for AuthHandler {
-    // TEMPORARY (replaced before the issue closes): keeps the shared tree compiling.
     async fn issue_service_token(
         &self,
-        _request: Request<pb::IssueServiceTokenRequest>,
+        request: Request<pb::IssueServiceTokenRequest>,
     ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
-        Err(Status::unimplemented("not yet"))
+        let message = request.into_inner();
+        match self.issue_service_token(&message).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(err) => {
+                // The label is a configured id or "(unknown)": callers cannot grow the label set.
+                let client = self.service_clients.label(&message.client_id);
+                let reason = service_token_refusal(&err);
+                metrics::SERVICE_TOKEN_REFUSALS
+                    .with_label_values(&[client, reason.as_str()])
+                    .inc();
+                if matches!(
+                    err,
+                    AuthError::Unauthenticated(_) | AuthError::RateLimited { .. }
+                ) {
+                    tracing::warn!(client, reason = %reason, "service token refused");
+                }
+                Err(err.into())
+            }
+        }
     }
 
     async fn list_sessions(

@@ -1,8 +1,9 @@
 //! refsys auth-service: proves a caller holds a phone number and turns that proof into tokens.
 //!
 //! Layers: `phone` and `otp` (pure rules), `store` (Redis), `sms` (providers), `tokens` and
-//! `directory` (JWTs, the referral-service client), `grpc` (handlers), `error` (the one error
-//! type and its gRPC mapping), `config` (settings).
+//! `directory` (JWTs, the referral-service client), `service_clients` (who may get service
+//! tokens through IssueServiceToken), `grpc` (handlers), `error` (the one error type and its
+//! gRPC mapping), `config` (settings).
 
 pub mod client;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod otp;
 pub mod policy;
+pub mod service_clients;
 /// Phone numbers: the one E.164 validator both services share.
 pub use service_kit::phone;
 pub mod sms;
@@ -31,6 +33,7 @@ use tonic::server::NamedService;
 use crate::config::{AuthConfig, SmsProvider};
 use crate::sms::{LogSender, SmsSender, TwilioSender};
 use crate::store::refresh::SuccessorKey;
+use crate::store::service_tokens::ServiceTokenStore;
 use crate::store::{OtpStore, RefreshStore, StoreError};
 use crate::tokens::{Clock, SystemClock, TokenIssuer};
 
@@ -101,6 +104,17 @@ pub async fn serve(
             "TEST_PHONE_NUMBERS is set: these numbers sign in with a fixed code and get no SMS"
         );
     }
+    if config.service_clients.is_empty() {
+        tracing::info!("no service clients (SERVICE_CLIENTS_FILE): IssueServiceToken accepts none");
+    } else {
+        tracing::info!(clients = ?config.service_clients.ids(), "service clients");
+    }
+    for id in config.service_clients.ids() {
+        // Each configured client shows (as 0) before its first token.
+        metrics::SERVICE_TOKENS_ISSUED
+            .with_label_values(&[id])
+            .inc_by(0);
+    }
     let sms: Arc<dyn SmsSender> = match &config.sms {
         SmsProvider::Log => {
             tracing::warn!(
@@ -133,6 +147,14 @@ pub async fn serve(
         code_length: config.code_length,
         phone_region: config.phone_default_region,
         directory: directory::Directory::new(&config.referral_grpc_url, issuer.clone())?,
+        service_clients: config.service_clients.clone(),
+        service_tokens: ServiceTokenStore::new(
+            conn.clone(),
+            config.redis_key_prefix.clone(),
+            config.service_token_limits,
+            REDIS_TIMEOUT,
+        ),
+        service_token_ttl: config.service_token_ttl,
         issuer,
         trusted_proxy_hops: config.trusted_proxy_hops,
         server_timeout: config.server.request_timeout,

@@ -98,6 +98,23 @@ pub static ACCOUNTS_DELETED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static SERVICE_TOKENS_ISSUED: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_service_tokens_issued_total",
+        "Service tokens issued through IssueServiceToken, by configured client id.",
+        &["client"],
+    )
+});
+pub static SERVICE_TOKEN_REFUSALS: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_service_token_refusals_total",
+        "IssueServiceToken calls refused, by configured client id ((unknown) for every other id) \
+         and reason: invalid_argument, unauthenticated, permission_denied, \
+         service_token_rate_limit, service_token_failure_limit, unavailable, error.",
+        &["client", "reason"],
+    )
+});
+
 /// Registers every counter, so each shows (as 0) before its first event.
 pub fn register() {
     LazyLock::force(&CODES_SENT);
@@ -114,4 +131,6 @@ pub fn register() {
     LazyLock::force(&REFRESH_REPLAYED);
     LazyLock::force(&SESSIONS_REVOKED);
     LazyLock::force(&ACCOUNTS_DELETED);
+    LazyLock::force(&SERVICE_TOKENS_ISSUED);
+    LazyLock::force(&SERVICE_TOKEN_REFUSALS);
 }

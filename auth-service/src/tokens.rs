@@ -9,6 +9,9 @@ use service_kit::tokens::{Claims, Jwk, KeySet, SigningKey, Verified, Verifier};
 
 use crate::error::AuthError;
 
+/// The subject of auth-service's own service tokens (no service client may use this id).
+pub const SERVICE_SUBJECT: &str = "auth-service";
+
 /// The current time, injected so that time-dependent behaviour is testable.
 pub trait Clock: Send + Sync {
     fn now(&self) -> SystemTime;
@@ -159,9 +162,30 @@ impl TokenIssuer {
         scope: &str,
         ttl: Duration,
     ) -> Result<String, AuthError> {
-        let (mut claims, _) = self.claims("auth-service", audience, ttl);
-        claims.scope = Some(scope.to_owned());
-        self.signing.sign(&claims).map_err(AuthError::internal)
+        self.scoped_token(SERVICE_SUBJECT, audience, &[scope], ttl)
+            .map(|token| token.token)
+    }
+
+    /// A service token: `subject` (auth-service itself, or a service client's id) may call
+    /// `audience` with `scopes`, space-separated in the `scope` claim, for `ttl` (whole
+    /// seconds: `expires_at` is exactly the `exp` claim).
+    pub fn scoped_token(
+        &self,
+        subject: &str,
+        audience: &str,
+        scopes: &[&str],
+        ttl: Duration,
+    ) -> Result<AccessToken, AuthError> {
+        if scopes.is_empty() || scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
+            return Err(AuthError::internal(
+                "a service token needs at least one scope, each without spaces",
+            ));
+        }
+        let (mut claims, _) = self.claims(subject, audience, ttl);
+        claims.scope = Some(scopes.join(" "));
+        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp);
+        let token = self.signing.sign(&claims).map_err(AuthError::internal)?;
+        Ok(AccessToken { token, expires_at })
     }
 
     /// The claims of a valid user access token; `None` for anything else.
@@ -263,6 +287,69 @@ mod tests {
             .unwrap();
         assert!(current.introspect(&service).is_none(), "not a user token");
         assert!(current.introspect("garbage").is_none());
+    }
+
+    #[test]
+    fn client_tokens_carry_audience_subject_scopes_and_expiry() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_800_000_000_700);
+        let issuer = issuer(
+            SigningKey::generate(),
+            Vec::new(),
+            Arc::new(FixedClock(now)),
+        );
+        let token = issuer
+            .scoped_token(
+                "shop",
+                service_kit::tokens::REFERRAL_SERVICE_AUDIENCE,
+                &["referral.points.read", "referral.points.redeem"],
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        assert_eq!(
+            token.expires_at,
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000 + 600)
+        );
+        // Read the claims without checking `exp` (the fixed clock is in the future or past).
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        validation.validate_exp = false;
+        validation.set_audience(&[service_kit::tokens::REFERRAL_SERVICE_AUDIENCE]);
+        let key = jsonwebtoken::DecodingKey::from_ed_components(&issuer.jwks()[0].x).unwrap();
+        let claims = jsonwebtoken::decode::<Claims>(&token.token, &key, &validation)
+            .unwrap()
+            .claims;
+        assert_eq!(claims.aud, "referral-service");
+        assert_eq!(claims.sub, "shop");
+        assert_eq!(claims.iss, "refsys-auth");
+        assert_eq!(
+            claims.scope.as_deref(),
+            Some("referral.points.read referral.points.redeem")
+        );
+        assert!(claims.has_scope("referral.points.redeem"));
+        assert!(!claims.has_scope("referral.users.read"));
+        assert_eq!((claims.iat, claims.exp), (1_800_000_000, 1_800_000_600));
+        assert!(claims.roles.is_empty() && claims.sid.is_none());
+        assert!(
+            issuer.introspect(&token.token).is_none(),
+            "not a user token"
+        );
+        assert!(
+            issuer
+                .scoped_token("shop", "referral-service", &[], Duration::from_secs(60))
+                .is_err()
+        );
+        // auth-service's own tokens keep their subject and single scope.
+        let own = issuer
+            .service_token(
+                "referral-service",
+                "referral.users.ensure",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let own = jsonwebtoken::decode::<Claims>(&own, &key, &validation)
+            .unwrap()
+            .claims;
+        assert_eq!(own.sub, SERVICE_SUBJECT);
+        assert_eq!(own.scope.as_deref(), Some("referral.users.ensure"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Redis storage: pending codes and their limits ([`otp::OtpStore`]) and refresh-token
-//! families ([`refresh::RefreshStore`]).
+//! Redis storage: pending codes and their limits ([`otp::OtpStore`]), refresh-token
+//! families ([`refresh::RefreshStore`]) and the service-token budgets
+//! ([`service_tokens::ServiceTokenStore`]).
 //!
 //! Keys live under a configurable prefix (`refsys:auth:` by default). Every key a multi-key
 //! Lua script touches carries the same Redis Cluster hash tag: `{+79601233017}` for a phone,
@@ -16,6 +17,7 @@ pub mod budget;
 pub mod fraud;
 pub mod otp;
 pub mod refresh;
+pub mod service_tokens;
 
 use std::future::Future;
 use std::time::Duration;

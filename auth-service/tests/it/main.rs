@@ -6,6 +6,7 @@ mod grpc;
 mod otp_store;
 mod outage;
 mod refresh_store;
+mod service_tokens;
 mod sms;
 
 use std::time::Duration;
