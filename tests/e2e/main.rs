@@ -8,4 +8,5 @@ mod foundation;
 mod journey;
 mod keys;
 mod observability;
+mod service_clients;
 mod sessions;
