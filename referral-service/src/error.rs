@@ -18,6 +18,10 @@ pub enum ReferralError {
     OwnCode,
     #[error("only the invite code of someone who joined before you can be activated")]
     InviterJoinedLater,
+    #[error("the balance ({balance} points) does not cover the redemption")]
+    InsufficientPoints { balance: i64 },
+    #[error("the idempotency key was already used for a different request")]
+    IdempotencyKeyReused,
     #[error("storage unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -46,6 +50,9 @@ impl ReferralError {
     }
 }
 
+/// The `google.rpc.ErrorInfo` domain of referral-service's reasons.
+pub const ERROR_DOMAIN: &str = "referral.refsys";
+
 impl From<ReferralError> for Status {
     fn from(error: ReferralError) -> Self {
         match error {
@@ -58,6 +65,24 @@ impl From<ReferralError> for Status {
             ReferralError::AlreadyActivated
             | ReferralError::OwnCode
             | ReferralError::InviterJoinedLater => Status::failed_precondition(error.to_string()),
+            ReferralError::InsufficientPoints { balance } => Status::with_error_details(
+                Code::FailedPrecondition,
+                error.to_string(),
+                ErrorDetails::with_error_info(
+                    "INSUFFICIENT_POINTS",
+                    ERROR_DOMAIN,
+                    [("balance".to_owned(), balance.to_string())],
+                ),
+            ),
+            ReferralError::IdempotencyKeyReused => Status::with_error_details(
+                Code::AlreadyExists,
+                error.to_string(),
+                ErrorDetails::with_error_info(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                ),
+            ),
             ReferralError::Unavailable(reason) => {
                 tracing::warn!(%reason, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry shortly")
@@ -120,6 +145,11 @@ mod tests {
             (ReferralError::InviterJoinedLater, Code::FailedPrecondition),
             (ReferralError::Unavailable("x".into()), Code::Unavailable),
             (
+                ReferralError::InsufficientPoints { balance: 7 },
+                Code::FailedPrecondition,
+            ),
+            (ReferralError::IdempotencyKeyReused, Code::AlreadyExists),
+            (
                 ReferralError::Internal("secret detail".into()),
                 Code::Internal,
             ),
@@ -140,6 +170,20 @@ mod tests {
         let details = status.get_error_details();
         let violation = &details.bad_request().expect("BadRequest").field_violations[0];
         assert_eq!(violation.field, "email");
+    }
+
+    #[test]
+    fn points_refusals_carry_their_error_info() {
+        let status = Status::from(ReferralError::InsufficientPoints { balance: 42 });
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INSUFFICIENT_POINTS", ERROR_DOMAIN)
+        );
+        assert_eq!(info.metadata.get("balance").map(String::as_str), Some("42"));
+        let status = Status::from(ReferralError::IdempotencyKeyReused);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "IDEMPOTENCY_KEY_REUSED");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod points;
 pub mod rules;
 pub mod storage;
 
@@ -98,7 +99,8 @@ pub fn routes(
         .routes()
 }
 
-/// Serves the three gRPC services on `listener` until `shutdown` resolves.
+/// Serves the three gRPC services on `listener` until `shutdown` resolves; prunes old
+/// idempotency keys of points requests meanwhile.
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
@@ -147,7 +149,9 @@ pub async fn serve(
         })),
     };
     tracing::info!(addr = %config.grpc_addr, "referral-service listening");
+    let key_pruner = points::spawn_pruner(repository.clone());
     let served = service_kit::server::serve(listener, app, &config.server, shutdown).await;
+    key_pruner.abort();
     refresher.abort();
     repository.pool().close().await;
     Ok(served?)

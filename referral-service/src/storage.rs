@@ -16,7 +16,7 @@ use crate::rules::{self, Cursor, Member};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Shards of each user's counters (see the migration).
-const COUNTER_SHARDS: i16 = 16;
+pub(crate) const COUNTER_SHARDS: i16 = 16;
 /// Attempts at a free invite code before giving up (collisions are ~1 in 887 million each);
 /// also bounds the retries when the phone's user is deleted while being looked up.
 const ENSURE_ATTEMPTS: usize = 8;
@@ -69,13 +69,18 @@ pub struct InviteeRecord {
     pub activated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
     pub id: i64,
     pub amount: i64,
     pub reason: String,
-    pub counterpart_user_id: Uuid,
+    /// The other user of an activation entry; `None` for redemptions and grants.
+    pub counterpart_user_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
+    /// Redemptions and grants: the caller's reason.
+    pub note: Option<String>,
+    /// Redemptions and grants: who asked (a service client id, or "admin:<user id>").
+    pub requested_by: Option<String>,
 }
 
 /// One page of a list and the cursor of the next page, if any.
@@ -575,10 +580,11 @@ impl Repository {
         let rows = sqlx::query!(
             r#"SELECT l.id AS "id?", l.amount AS "amount?", l.reason AS "reason?",
                       l.counterpart_user_id AS "counterpart_user_id?",
-                      l.created_at AS "created_at?"
+                      l.created_at AS "created_at?", l.note AS "note?",
+                      l.requested_by AS "requested_by?"
                FROM users u
                LEFT JOIN LATERAL (
-                   SELECT id, amount, reason, counterpart_user_id, created_at
+                   SELECT id, amount, reason, counterpart_user_id, created_at, note, requested_by
                    FROM bonus_ledger
                    WHERE user_id = u.id AND id < $2
                    ORDER BY id DESC
@@ -601,8 +607,10 @@ impl Repository {
                     id: row.id?,
                     amount: row.amount?,
                     reason: row.reason?,
-                    counterpart_user_id: row.counterpart_user_id?,
+                    counterpart_user_id: row.counterpart_user_id,
                     created_at: row.created_at?,
+                    note: row.note,
+                    requested_by: row.requested_by,
                 })
             })
             .collect();

@@ -57,17 +57,22 @@ pub fn transaction(entry: LedgerEntry) -> pb::BonusTransaction {
     let reason = match entry.reason.as_str() {
         "invite_code_activated" => pb::BonusReason::InviteCodeActivated,
         "invitee_joined" => pb::BonusReason::InviteeJoined,
+        "redeemed" => pb::BonusReason::Redeemed,
+        "granted" => pb::BonusReason::Granted,
         _ => pb::BonusReason::Unspecified,
     };
     pb::BonusTransaction {
         transaction_id: entry.id.to_string(),
         amount: entry.amount,
         reason: reason.into(),
-        counterpart_user_id: entry.counterpart_user_id.to_string(),
+        counterpart_user_id: entry
+            .counterpart_user_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
         created_at: Some(timestamp(entry.created_at)),
-        // Activation entries have no caller's note; redemptions and grants will.
-        note: String::new(),
-        requested_by: String::new(),
+        // Activation entries have neither; redemptions and grants both.
+        note: entry.note.unwrap_or_default(),
+        requested_by: entry.requested_by.unwrap_or_default(),
     }
 }
 
@@ -88,9 +93,10 @@ pub fn invite_outcome(outcome: &InviteOutcome) -> pb::InviteCodeOutcome {
             ReferralError::AlreadyActivated => pb::InviteCodeOutcome::AlreadyActivated,
             ReferralError::OwnCode => pb::InviteCodeOutcome::OwnCode,
             ReferralError::InviterJoinedLater => pb::InviteCodeOutcome::InviterJoinedLater,
-            ReferralError::Unavailable(_) | ReferralError::Internal(_) => {
-                pb::InviteCodeOutcome::Unspecified
-            }
+            ReferralError::InsufficientPoints { .. }
+            | ReferralError::IdempotencyKeyReused
+            | ReferralError::Unavailable(_)
+            | ReferralError::Internal(_) => pb::InviteCodeOutcome::Unspecified,
         },
     }
 }

@@ -34,7 +34,7 @@ async fn activation_awards_both_sides_once(pool: PgPool) {
 
     let ledger = repository.ledger(id(inviter), None, 10).await.unwrap();
     assert_eq!(ledger.items.len(), 1);
-    assert_eq!(ledger.items[0].counterpart_user_id, invitee.id);
+    assert_eq!(ledger.items[0].counterpart_user_id, Some(invitee.id));
     assert_eq!(ledger.items[0].reason, "invitee_joined");
 }
 
