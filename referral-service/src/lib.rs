@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refsys_proto::referral::v1::admin_service_server::AdminServiceServer;
+use refsys_proto::referral::v1::points_service_server::PointsServiceServer;
 use refsys_proto::referral::v1::referral_service_server::ReferralServiceServer;
 use refsys_proto::referral::v1::user_directory_server::UserDirectoryServer;
 use service_kit::authn::{Authenticated, Authenticator, RemoteJwks, Requirement};
 use service_kit::server::{App, MAX_DECODE_BYTES, ServeError};
 use service_kit::tokens::{
-    DELETE_USER_SCOPE, ENSURE_USER_SCOPE, KeySet, LOOKUP_USER_SCOPE, REFERRAL_SERVICE_AUDIENCE,
-    Verifier,
+    DELETE_USER_SCOPE, ENSURE_USER_SCOPE, KeySet, LOOKUP_USER_SCOPE, POINTS_GRANT_SCOPE,
+    POINTS_READ_SCOPE, POINTS_REDEEM_SCOPE, REFERRAL_SERVICE_AUDIENCE, Verifier,
 };
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
@@ -40,6 +41,13 @@ pub const DIRECTORY_SCOPES: &[(&str, &str)] = &[
     ("EnsureUser", ENSURE_USER_SCOPE),
     ("LookupUser", LOOKUP_USER_SCOPE),
     ("DeleteUser", DELETE_USER_SCOPE),
+];
+
+/// The scope each `PointsService` RPC needs on the caller's service token.
+pub const POINTS_SCOPES: &[(&str, &str)] = &[
+    ("GetBalance", POINTS_READ_SCOPE),
+    ("RedeemPoints", POINTS_REDEEM_SCOPE),
+    ("GrantPoints", POINTS_GRANT_SCOPE),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +76,9 @@ pub async fn repository(config: &Config) -> Result<Repository, StartError> {
     ))
 }
 
-/// The three gRPC services, each behind the token check it needs: `ReferralService` a user's
-/// access token, `UserDirectory` a service token with the called RPC's scope
-/// ([`DIRECTORY_SCOPES`]), `AdminService` a user token with the admin role.
+/// The gRPC services, each behind the token check it needs: `ReferralService` a user's access
+/// token, `UserDirectory` and `PointsService` a service token with the called RPC's scope
+/// ([`DIRECTORY_SCOPES`], [`POINTS_SCOPES`]), `AdminService` a user token with the admin role.
 pub fn routes(
     repository: &Repository,
     authenticator: Arc<Authenticator>,
@@ -80,6 +88,8 @@ pub fn routes(
     let directory = UserDirectoryServer::new(grpc::DirectoryHandler::new(repository.clone()))
         .max_decoding_message_size(MAX_DECODE_BYTES);
     let admin = AdminServiceServer::new(grpc::AdminHandler::new(repository.clone()))
+        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let points = PointsServiceServer::new(grpc::PointsHandler::new(repository.clone()))
         .max_decoding_message_size(MAX_DECODE_BYTES);
     tonic::service::Routes::builder()
         .add_service(Authenticated::new(
@@ -94,13 +104,20 @@ pub fn routes(
                 scopes: DIRECTORY_SCOPES,
             },
         ))
+        .add_service(Authenticated::new(
+            points,
+            authenticator.clone(),
+            Requirement::ServicePerMethod {
+                scopes: POINTS_SCOPES,
+            },
+        ))
         .add_service(Authenticated::new(admin, authenticator, Requirement::Admin))
         .clone()
         .routes()
 }
 
-/// Serves the three gRPC services on `listener` until `shutdown` resolves; prunes old
-/// idempotency keys of points requests meanwhile.
+/// Serves the gRPC services on `listener` until `shutdown` resolves; prunes old idempotency keys
+/// of PointsService meanwhile.
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
@@ -142,6 +159,7 @@ pub async fn serve(
             <ReferralServiceServer<grpc::ReferralHandler> as NamedService>::NAME,
             <UserDirectoryServer<grpc::DirectoryHandler> as NamedService>::NAME,
             <AdminServiceServer<grpc::AdminHandler> as NamedService>::NAME,
+            <PointsServiceServer<grpc::PointsHandler> as NamedService>::NAME,
         ],
         readiness: Some(Arc::new(move || {
             let repository = readiness_repository.clone();

@@ -1,11 +1,13 @@
-//! `refsys.referral.v1.AdminService`: full views of users, for operators with the admin role.
+//! `refsys.referral.v1.AdminService`: full views of users and point grants, for operators with
+//! the admin role.
 
 use refsys_proto::referral::v1 as pb;
 use refsys_proto::referral::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::{caller_id, convert, points};
 use crate::domain::{PhonePrefix, UserId};
+use crate::points::PointsKind;
 use crate::rules::{self, Cursor};
 use crate::storage::Repository;
 
@@ -21,12 +23,26 @@ impl AdminHandler {
 
 #[tonic::async_trait]
 impl AdminService for AdminHandler {
-    // TEMPORARY (replaced before the issue closes): keeps the shared tree compiling.
     async fn grant_points(
         &self,
-        _request: Request<pb::AdminServiceGrantPointsRequest>,
+        request: Request<pb::AdminServiceGrantPointsRequest>,
     ) -> Result<Response<pb::AdminServiceGrantPointsResponse>, Status> {
-        Err(Status::unimplemented("not yet"))
+        let caller = points::admin_caller(caller_id(&request)?);
+        let message = request.get_ref();
+        let (transaction, balance) = points::move_points(
+            &self.repository,
+            &caller,
+            PointsKind::Grant,
+            &message.user_id,
+            message.points,
+            &message.idempotency_key,
+            &message.reason,
+        )
+        .await?;
+        Ok(Response::new(pb::AdminServiceGrantPointsResponse {
+            transaction: Some(transaction),
+            balance,
+        }))
     }
 
     async fn list_users(

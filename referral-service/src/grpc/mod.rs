@@ -3,10 +3,12 @@
 mod admin;
 mod convert;
 mod directory;
+mod points;
 mod referral;
 
 pub use admin::AdminHandler;
 pub use directory::DirectoryHandler;
+pub use points::PointsHandler;
 pub use referral::ReferralHandler;
 
 use service_kit::authn;

@@ -27,9 +27,9 @@ use crate::{BONUSES, pepper, phone, users};
 const ISSUER: &str = "refsys-auth";
 const USER_AUDIENCE: &str = "refsys";
 
-struct Server {
-    channel: Channel,
-    key: SigningKey,
+pub(crate) struct Server {
+    pub(crate) channel: Channel,
+    pub(crate) key: SigningKey,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,7 +39,7 @@ impl Drop for Server {
     }
 }
 
-async fn start(pool: &PgPool) -> Server {
+pub(crate) async fn start(pool: &PgPool) -> Server {
     let key = SigningKey::generate();
     let verifier = Arc::new(Verifier::new(
         ISSUER,
@@ -80,7 +80,7 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn user_claims(sub: &str, roles: &[&str]) -> Claims {
+pub(crate) fn user_claims(sub: &str, roles: &[&str]) -> Claims {
     Claims {
         iss: ISSUER.into(),
         aud: USER_AUDIENCE.into(),
@@ -94,7 +94,7 @@ fn user_claims(sub: &str, roles: &[&str]) -> Claims {
     }
 }
 
-fn service_claims(scope: &str) -> Claims {
+pub(crate) fn service_claims(scope: &str) -> Claims {
     Claims {
         aud: REFERRAL_SERVICE_AUDIENCE.into(),
         sub: "auth-service".into(),
@@ -105,7 +105,7 @@ fn service_claims(scope: &str) -> Claims {
     }
 }
 
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()

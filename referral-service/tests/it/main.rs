@@ -5,6 +5,7 @@ mod activation;
 mod auth;
 mod deletion;
 mod grpc;
+mod points;
 mod users;
 
 use std::sync::Arc;
