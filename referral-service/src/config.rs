@@ -26,6 +26,9 @@ pub struct Config {
     /// Keys the hashes of deleted users' phone numbers (`PHONE_HASH_PEPPER_FILE`); the fixed
     /// development pepper when unset (`serve` warns).
     pub phone_pepper: PhonePepper,
+    /// `EVENTS_RETENTION_DAYS` (7): events older than this are pruned; a cursor before the
+    /// pruned ones is OUT_OF_RANGE.
+    pub events_retention: Duration,
     pub server: ServerSettings,
 }
 
@@ -67,6 +70,9 @@ impl Config {
                 Some(path) => read_pepper("PHONE_HASH_PEPPER_FILE", Path::new(&path))?,
                 None => PhonePepper::development(),
             },
+            events_retention: Duration::from_secs(
+                settings.get_in_range("EVENTS_RETENTION_DAYS", 7u64, 1..=3650)? * 86_400,
+            ),
             server: ServerSettings::from_source(settings)?,
         })
     }
@@ -100,6 +106,7 @@ mod tests {
         assert_eq!((config.bonuses.invitee, config.bonuses.inviter), (100, 200));
         assert!(config.run_migrations);
         assert!(config.phone_pepper.is_development());
+        assert_eq!(config.events_retention, Duration::from_secs(7 * 86_400));
     }
 
     #[test]
@@ -146,6 +153,7 @@ mod tests {
         for (key, value) in [
             ("BONUS_INVITER", "lots"),
             ("RUN_MIGRATIONS", "perhaps"),
+            ("EVENTS_RETENTION_DAYS", "0"),
             ("AUTH_GRPC_URL", "auth:50051"),
             ("DATABASE_URL", "mysql://x"),
             ("DATABASE_URL", "postgres://h:x/db"),

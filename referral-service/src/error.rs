@@ -18,6 +18,8 @@ pub enum ReferralError {
     OwnCode,
     #[error("only the invite code of someone who joined before you can be activated")]
     InviterJoinedLater,
+    #[error("the cursor is older than the event retention; events after it were pruned")]
+    CursorExpired,
     #[error("the balance ({balance} points) does not cover the redemption")]
     InsufficientPoints { balance: i64 },
     #[error("the idempotency key was already used for a different request")]
@@ -65,6 +67,10 @@ impl From<ReferralError> for Status {
             ReferralError::AlreadyActivated
             | ReferralError::OwnCode
             | ReferralError::InviterJoinedLater => Status::failed_precondition(error.to_string()),
+            ReferralError::CursorExpired => Status::out_of_range(
+                "the cursor is older than the event retention (EVENTS_RETENTION_DAYS); events \
+                 after it were pruned: start again from an empty cursor and reconcile",
+            ),
             ReferralError::InsufficientPoints { balance } => Status::with_error_details(
                 Code::FailedPrecondition,
                 error.to_string(),
@@ -149,6 +155,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (ReferralError::IdempotencyKeyReused, Code::AlreadyExists),
+            (ReferralError::CursorExpired, Code::OutOfRange),
             (
                 ReferralError::Internal("secret detail".into()),
                 Code::Internal,

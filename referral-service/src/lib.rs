@@ -6,6 +6,7 @@
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod points;
 pub mod rules;
@@ -15,14 +16,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refsys_proto::referral::v1::admin_service_server::AdminServiceServer;
+use refsys_proto::referral::v1::event_service_server::EventServiceServer;
 use refsys_proto::referral::v1::points_service_server::PointsServiceServer;
 use refsys_proto::referral::v1::referral_service_server::ReferralServiceServer;
 use refsys_proto::referral::v1::user_directory_server::UserDirectoryServer;
 use service_kit::authn::{Authenticated, Authenticator, RemoteJwks, Requirement};
 use service_kit::server::{App, MAX_DECODE_BYTES, ServeError};
 use service_kit::tokens::{
-    DELETE_USER_SCOPE, ENSURE_USER_SCOPE, KeySet, LOOKUP_USER_SCOPE, POINTS_GRANT_SCOPE,
-    POINTS_READ_SCOPE, POINTS_REDEEM_SCOPE, REFERRAL_SERVICE_AUDIENCE, Verifier,
+    DELETE_USER_SCOPE, ENSURE_USER_SCOPE, EVENTS_READ_SCOPE, KeySet, LOOKUP_USER_SCOPE,
+    POINTS_GRANT_SCOPE, POINTS_READ_SCOPE, POINTS_REDEEM_SCOPE, REFERRAL_SERVICE_AUDIENCE,
+    Verifier,
 };
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
@@ -76,13 +79,24 @@ pub async fn repository(config: &Config) -> Result<Repository, StartError> {
     ))
 }
 
+/// The scope of `EventService.WatchEvents`.
+pub const EVENT_SCOPES: &[(&str, &str)] = &[("WatchEvents", EVENTS_READ_SCOPE)];
+
 /// The gRPC services, each behind the token check it needs: `ReferralService` a user's access
-/// token, `UserDirectory` and `PointsService` a service token with the called RPC's scope
-/// ([`DIRECTORY_SCOPES`], [`POINTS_SCOPES`]), `AdminService` a user token with the admin role.
+/// token, `UserDirectory`, `EventService` and `PointsService` a service token with the called
+/// RPC's scope ([`DIRECTORY_SCOPES`], [`EVENT_SCOPES`], [`POINTS_SCOPES`]), `AdminService` a user
+/// token with the admin role.
+/// Event streams are woken by `notifier`.
 pub fn routes(
     repository: &Repository,
     authenticator: Arc<Authenticator>,
+    notifier: &events::Notifier,
 ) -> tonic::service::Routes {
+    let events = EventServiceServer::new(grpc::EventHandler::new(
+        events::Outbox::new(repository.pool().clone()),
+        notifier.clone(),
+    ))
+    .max_decoding_message_size(MAX_DECODE_BYTES);
     let referral = ReferralServiceServer::new(grpc::ReferralHandler::new(repository.clone()))
         .max_decoding_message_size(MAX_DECODE_BYTES);
     let directory = UserDirectoryServer::new(grpc::DirectoryHandler::new(repository.clone()))
@@ -102,6 +116,13 @@ pub fn routes(
             authenticator.clone(),
             Requirement::ServicePerMethod {
                 scopes: DIRECTORY_SCOPES,
+            },
+        ))
+        .add_service(Authenticated::new(
+            events,
+            authenticator.clone(),
+            Requirement::ServicePerMethod {
+                scopes: EVENT_SCOPES,
             },
         ))
         .add_service(Authenticated::new(
@@ -150,7 +171,12 @@ pub async fn serve(
         Some(jwks),
     ));
 
-    let routes = routes(&repository, authenticator);
+    let (notifier, listener_task) = events::Notifier::spawn(repository.pool().clone());
+    let pruner = spawn_event_pruning(
+        events::Outbox::new(repository.pool().clone()),
+        config.events_retention,
+    );
+    let routes = routes(&repository, authenticator, &notifier);
 
     let readiness_repository = repository.clone();
     let app = App {
@@ -159,6 +185,7 @@ pub async fn serve(
             <ReferralServiceServer<grpc::ReferralHandler> as NamedService>::NAME,
             <UserDirectoryServer<grpc::DirectoryHandler> as NamedService>::NAME,
             <AdminServiceServer<grpc::AdminHandler> as NamedService>::NAME,
+            <EventServiceServer<grpc::EventHandler> as NamedService>::NAME,
             <PointsServiceServer<grpc::PointsHandler> as NamedService>::NAME,
         ],
         readiness: Some(Arc::new(move || {
@@ -171,6 +198,37 @@ pub async fn serve(
     let served = service_kit::server::serve(listener, app, &config.server, shutdown).await;
     key_pruner.abort();
     refresher.abort();
+    listener_task.abort();
+    pruner.abort();
     repository.pool().close().await;
     Ok(served?)
+}
+
+/// How often old events are pruned, and how many go per statement (short transactions, so
+/// pruning never holds locks long).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Prunes events older than `retention` now and every [`PRUNE_EVERY`], in bounded batches.
+fn spawn_event_pruning(outbox: events::Outbox, retention: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            loop {
+                match outbox.prune(retention, PRUNE_BATCH).await {
+                    Ok(deleted) if deleted == PRUNE_BATCH as u64 => continue,
+                    Ok(deleted) => {
+                        if deleted > 0 {
+                            tracing::info!(deleted, "pruned old events");
+                        }
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not prune old events; will retry");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(PRUNE_EVERY).await;
+        }
+    })
 }

@@ -400,7 +400,7 @@ async fn redeem_in(
     let amount = -request.points;
     let balance = balance - request.points;
     let entry = insert_entry(tx, caller, request, amount).await?;
-    // outbox: points.redeemed (entry, `balance` is the balance right after it)
+    announce(tx, caller, request, &entry, balance).await?;
     sqlx::query!(
         "INSERT INTO user_counters (user_id, shard, invitees, points)
          VALUES ($1, $2, 0, $3)
@@ -453,12 +453,35 @@ async fn grant_in(
     .fetch_one(&mut *tx)
     .await?;
     let entry = insert_entry(tx, caller, request, request.points).await?;
-    // outbox: points.granted (entry, `balance` is the balance right after it)
+    announce(tx, caller, request, &entry, balance).await?;
     Ok(PointsMove {
         entry,
         balance,
         replayed: false,
     })
+}
+
+/// Appends `points.redeemed` or `points.granted` (by the entry's sign) to the outbox, in the
+/// transaction of the entry. A replayed request returns before this: one event per entry.
+async fn announce(
+    tx: &mut sqlx::PgConnection,
+    caller: &str,
+    request: &PointsRequest,
+    entry: &LedgerEntry,
+    balance: i64,
+) -> Result<(), ReferralError> {
+    crate::events::append(
+        tx,
+        crate::events::NewEvent::points_moved(
+            request.user.0,
+            entry.amount,
+            balance,
+            entry.id,
+            &request.reason,
+            caller,
+        ),
+    )
+    .await
 }
 
 /// Appends the redemption's or grant's ledger entry.

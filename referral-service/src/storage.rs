@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::domain::{InviteCode, PhoneNumber, PhonePepper, PhonePrefix, UserId};
 use crate::error::ReferralError;
+use crate::events::{self, NewEvent};
 use crate::rules::{self, Cursor, Member};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -219,6 +220,8 @@ impl Repository {
         for _ in 0..ENSURE_ATTEMPTS {
             let id = Uuid::now_v7();
             let code = (self.generate_code)();
+            // The user and its `user.created` event commit together.
+            let mut tx = self.pool.begin().await?;
             let inserted = sqlx::query_scalar!(
                 "INSERT INTO users (id, phone_number, invite_code) VALUES ($1, $2, $3)
                  ON CONFLICT (phone_number) DO NOTHING
@@ -227,11 +230,16 @@ impl Repository {
                 phone.e164(),
                 code.as_str()
             )
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await;
             match inserted {
-                Ok(Some(id)) => return Ok((self.user(UserId(id)).await?, true)),
+                Ok(Some(id)) => {
+                    events::append(&mut tx, NewEvent::user_created(id, code.as_str())).await?;
+                    tx.commit().await?;
+                    return Ok((self.user(UserId(id)).await?, true));
+                }
                 Ok(None) => {
+                    drop(tx);
                     let id = sqlx::query_scalar!(
                         "SELECT id FROM users WHERE phone_number = $1",
                         phone.e164()
@@ -417,6 +425,7 @@ impl Repository {
                 inviter = %owner.id,
                 "invite code activated by a number that earned the bonus before: no bonus"
             );
+            events::append(tx, NewEvent::invite_activated(me.id, owner.id, 0, 0)).await?;
             return Ok(Award::Nothing);
         }
         sqlx::query!(
@@ -451,6 +460,11 @@ impl Repository {
             self.bonuses.inviter
         )
         .execute(&mut *tx)
+        .await?;
+        events::append(
+            tx,
+            NewEvent::invite_activated(me.id, owner.id, self.bonuses.invitee, self.bonuses.inviter),
+        )
         .await?;
         Ok(Award::Bonuses)
     }
@@ -525,6 +539,19 @@ impl Repository {
         .await?;
         if updated.rows_affected() == 0 {
             return Err(ReferralError::NotFound("user"));
+        }
+        // Which fields, never their values.
+        let fields: Vec<String> = [
+            ("first_name", changes.first_name.is_some()),
+            ("last_name", changes.last_name.is_some()),
+            ("email", changes.email.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+        if !fields.is_empty() {
+            events::append(&mut tx, NewEvent::profile_updated(id.0, fields)).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -745,6 +772,7 @@ impl Repository {
         )
         .execute(&mut *tx)
         .await?;
+        events::append(&mut tx, NewEvent::user_deleted(id.0)).await?;
         tx.commit().await?;
         Ok(true)
     }

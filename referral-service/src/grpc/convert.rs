@@ -93,7 +93,9 @@ pub fn invite_outcome(outcome: &InviteOutcome) -> pb::InviteCodeOutcome {
             ReferralError::AlreadyActivated => pb::InviteCodeOutcome::AlreadyActivated,
             ReferralError::OwnCode => pb::InviteCodeOutcome::OwnCode,
             ReferralError::InviterJoinedLater => pb::InviteCodeOutcome::InviterJoinedLater,
-            ReferralError::InsufficientPoints { .. }
+            // Never a refusal of an invite code (activate_at_sign_in returns these as errors).
+            ReferralError::CursorExpired
+            | ReferralError::InsufficientPoints { .. }
             | ReferralError::IdempotencyKeyReused
             | ReferralError::Unavailable(_)
             | ReferralError::Internal(_) => pb::InviteCodeOutcome::Unspecified,

@@ -3,11 +3,13 @@
 mod admin;
 mod convert;
 mod directory;
+mod events;
 mod points;
 mod referral;
 
 pub use admin::AdminHandler;
 pub use directory::DirectoryHandler;
+pub use events::{EventHandler, STREAM_BUFFER};
 pub use points::PointsHandler;
 pub use referral::ReferralHandler;
 

@@ -4,6 +4,7 @@
 mod activation;
 mod auth;
 mod deletion;
+mod events;
 mod grpc;
 mod points;
 mod users;
