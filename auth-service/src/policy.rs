@@ -8,7 +8,9 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::otp::{CodeLength, OtpCode};
-use crate::phone::{NumberType, PhoneNumber, Region, number_type_name, parse_number_type};
+use crate::phone::{
+    NumberType, PhoneNumber, Region, calling_code_regions, number_type_name, parse_number_type,
+};
 
 /// The default `SMS_ALLOWED_NUMBER_TYPES`: the lines a person carries. libphonenumber cannot
 /// tell mobile from fixed lines in some regions (the US and Canada among them), hence the
@@ -110,6 +112,21 @@ impl SmsPolicy {
         Ok(types)
     }
 
+    /// Refuses an international number whose calling code belongs to no allowed region, from
+    /// the typed input and before it is parsed: parsing compiles and matches the region's number
+    /// patterns, which a caller rotating through many regions could otherwise make every request
+    /// pay for. Anything this lets through is parsed and checked by [`SmsPolicy::check`].
+    pub fn screen(&self, input: &str) -> Result<(), PolicyRefusal> {
+        let (Some(allowed), Some(regions)) = (&self.regions, calling_code_regions(input)) else {
+            return Ok(());
+        };
+        if regions.iter().any(|region| allowed.contains(region)) {
+            Ok(())
+        } else {
+            Err(PolicyRefusal::RegionNotAllowed)
+        }
+    }
+
     /// Whether `phone` may be sent a code.
     pub fn check(&self, phone: &PhoneNumber) -> Result<(), PolicyRefusal> {
         if let Some(regions) = &self.regions {
@@ -177,6 +194,21 @@ impl TestNumbers {
         Ok(Self(numbers))
     }
 
+    /// Whether `input`, as typed (spaces, dashes and brackets ignored), is a test number in
+    /// international form: such input skips the region screening, as test numbers skip every
+    /// region and type rule.
+    pub fn matches_input(&self, input: &str) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let typed: String = input
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '-' | '(' | ')'))
+            .collect();
+        self.0.keys().any(|phone| phone.e164() == typed)
+    }
+
     /// The fixed code of `phone` if it is a test number.
     pub fn code_of(&self, phone: &PhoneNumber) -> Option<&OtpCode> {
         self.0.get(phone)
@@ -232,6 +264,38 @@ mod tests {
     }
 
     #[test]
+    fn screening_refuses_other_calling_codes_before_parsing() {
+        let policy = SmsPolicy::new(
+            SmsPolicy::parse_regions("KZ").unwrap(),
+            SmsPolicy::parse_types(DEFAULT_NUMBER_TYPES).unwrap(),
+        );
+        for elsewhere in [
+            "+44 7911 123456",
+            "+1 650 253 0000",
+            "+80012345678",
+            "+6907290",
+        ] {
+            assert_eq!(
+                policy.screen(elsewhere),
+                Err(PolicyRefusal::RegionNotAllowed),
+                "{elsewhere}"
+            );
+        }
+        // +7 is shared by RU and KZ: screening lets it through, the full check decides.
+        assert_eq!(policy.screen("+7 960 123-30-17"), Ok(()));
+        assert_eq!(
+            policy.check(&phone("+79601233017")),
+            Err(PolicyRefusal::RegionNotAllowed)
+        );
+        // Not international, junk, unassigned codes: the parser answers those.
+        for other in ["8 960 123 30 17", "+999 1", "hello"] {
+            assert_eq!(policy.screen(other), Ok(()), "{other}");
+        }
+        // Without a region list nothing is screened.
+        assert_eq!(SmsPolicy::default().screen("+44 7911 123456"), Ok(()));
+    }
+
+    #[test]
     fn bad_lists_are_refused() {
         assert_eq!(SmsPolicy::parse_regions(" , "), Ok(None));
         assert!(SmsPolicy::parse_regions("RU,Russia").is_err());
@@ -250,6 +314,9 @@ mod tests {
             Some("8765")
         );
         assert!(numbers.code_of(&phone("+79990000003")).is_none());
+        assert!(numbers.matches_input(" +7 (999) 000-00-02"));
+        assert!(!numbers.matches_input("+79990000003"));
+        assert!(!TestNumbers::default().matches_input("+79990000001"));
         assert!(!format!("{numbers:?}").contains("4321"));
         for bad in [
             "+79990000001",

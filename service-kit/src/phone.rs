@@ -15,6 +15,46 @@ use phonenumber::{Mode, ParseError};
 /// Longest input accepted before parsing (formatting characters included).
 const MAX_INPUT_LEN: usize = 40;
 
+/// Compiled number patterns libphonenumber keeps in its one shared cache (the crate's default is
+/// 100). Validating a number compiles its region's patterns on a cache miss, about 0.3 ms each in
+/// a release build: with 100, numbers from more than about eight regions in rotation miss on
+/// nearly every parse, and any caller can make each request cost milliseconds of CPU. 400 holds
+/// some thirty regions (an average pattern takes ~100 KB; all 1,746 would take ~190 MB). Where
+/// that is not enough, `SMS_ALLOWED_REGIONS` refuses other regions before any pattern is touched
+/// ([`calling_code_regions`]).
+const PATTERN_CACHE_CAPACITY: usize = 400;
+
+fn size_pattern_cache() {
+    static SIZED: std::sync::Once = std::sync::Once::new();
+    SIZED.call_once(|| {
+        if let Ok(mut cache) = phonenumber::metadata::DATABASE.cache().lock() {
+            cache.set_capacity(PATTERN_CACHE_CAPACITY);
+        }
+    });
+}
+
+/// The regions of the country calling code an international number starts with (`+7 960…` →
+/// RU, KZ; `+800…` → none: non-geographic), found by a table lookup without parsing the number,
+/// so no pattern is compiled or matched. `None` when the input does not start with `+` and an
+/// assigned calling code.
+pub fn calling_code_regions(input: &str) -> Option<Vec<Region>> {
+    let mut chars = input
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')'));
+    if chars.next() != Some('+') {
+        return None;
+    }
+    let digits: String = chars.take(3).take_while(char::is_ascii_digit).collect();
+    // Calling codes are prefix-free, so the shortest assigned prefix is the code.
+    (1..=digits.len()).find_map(|len| {
+        let code: u16 = digits[..len].parse().ok()?;
+        phonenumber::metadata::DATABASE
+            .region(&code)
+            .map(|ids| ids.iter().filter_map(|id| id.parse().ok()).collect())
+    })
+}
+
 /// A valid phone number in E.164 form (`+79601233017`), with the region and the kind of line
 /// libphonenumber assigns it (both derive from the number, so equality is the number's).
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -46,6 +86,7 @@ impl PhoneNumber {
     /// with it, national formats of that region are accepted too. Too short, too long,
     /// impossible and unassigned numbers are refused.
     pub fn parse(input: &str, default_region: Option<Region>) -> Result<Self, PhoneError> {
+        size_pattern_cache();
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
@@ -303,6 +344,35 @@ mod tests {
             let shown = masked.chars().filter(char::is_ascii_digit).count();
             assert!(shown < digits - 1, "{number} -> {masked} shows every digit");
         }
+    }
+
+    #[test]
+    fn calling_codes_name_their_regions_without_parsing() {
+        let regions = |input: &str| {
+            calling_code_regions(input).map(|mut r| {
+                r.sort_by_key(|region| region.as_ref().to_owned());
+                r
+            })
+        };
+        assert_eq!(
+            regions("+7 960 123-30-17"),
+            Some(vec![Region::KZ, Region::RU])
+        );
+        assert_eq!(regions(" +(44) 7911"), regions("+447911123456"));
+        assert!(regions("+447911123456").unwrap().contains(&Region::GB));
+        assert!(regions("+16502530000").unwrap().contains(&Region::US));
+        assert_eq!(regions("+6907290"), Some(vec![Region::TK]));
+        assert_eq!(regions("+800 1234 5678"), Some(vec![]), "non-geographic");
+        for none in ["89601233017", "+999 123", "+", "", "+x7", "+0"] {
+            assert_eq!(regions(none), None, "{none:?}");
+        }
+    }
+
+    #[test]
+    fn the_pattern_cache_holds_many_regions() {
+        PhoneNumber::parse("+79601233017", None).unwrap();
+        let cache = phonenumber::metadata::DATABASE.cache();
+        assert_eq!(cache.lock().unwrap().capacity(), PATTERN_CACHE_CAPACITY);
     }
 
     #[test]

@@ -618,6 +618,9 @@ async fn a_region_list_refuses_numbers_of_other_regions() {
         assert_refused(&status, Code::FailedPrecondition, "REGION_NOT_ALLOWED");
         assert_eq!(h.sms_to(e164).await, 0, "no SMS to {e164}");
     }
+    // Verifying a number of another region is refused the same way (no code could be pending).
+    let status = h.verify("+44 7911 123456", "1234").await.unwrap_err();
+    assert_refused(&status, Code::FailedPrecondition, "REGION_NOT_ALLOWED");
     // A KZ mobile is sent and signs in.
     let sent = h.send_from("+7 701 123 0001", &[]).await.unwrap();
     assert_eq!(sent.phone_number, "+77011230001");
