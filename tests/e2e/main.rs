@@ -8,5 +8,6 @@ mod foundation;
 mod journey;
 mod keys;
 mod observability;
+mod platform;
 mod service_clients;
 mod sessions;
