@@ -52,6 +52,10 @@ struct Platform {
 
 impl Platform {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(auth_env: &[(&'static str, &str)]) -> Self {
         assert_eq!(sha256_hex(SHOP_SECRET), SHOP_SHA256);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("clients.json");
@@ -66,8 +70,10 @@ impl Platform {
             ),
         )
         .unwrap();
+        let mut env = vec![("SERVICE_CLIENTS_FILE", path.display().to_string())];
+        env.extend(auth_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let stack = Stack::start_with(StackOptions {
-            auth_env: vec![("SERVICE_CLIENTS_FILE", path.display().to_string())],
+            auth_env: env,
             ..StackOptions::default()
         })
         .await;
@@ -304,4 +310,62 @@ async fn the_stream_needs_its_scope_and_refuses_a_cursor_past_the_retention() {
     // From the last pruned event on, nothing is missing.
     let mut from_horizon = platform.watch(&events[1].cursor).await.unwrap();
     assert_eq!(take(&mut from_horizon, 1).await[0].id, events[2].id);
+}
+
+#[tokio::test]
+async fn the_stream_sees_each_change_once_while_sign_ups_commit_concurrently() {
+    // Forty sign-ups from one test client: room for them under the per-client send budget.
+    let platform = Platform::start_with(&[("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "100")]).await;
+    let inviter = platform.stack.sign_in("+79601233200", None).await;
+    let code = platform
+        .stack
+        .referral_client()
+        .await
+        .get_profile(bearer(pb::GetProfileRequest {}, &inviter.access_token))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap()
+        .invite_code;
+    let mut stream = platform.watch("").await.unwrap();
+    assert_eq!(take(&mut stream, 1).await[0].subject, inviter.user_id);
+
+    // Forty people sign up at once, each with the inviter's code, through the real sign-in.
+    let sign_ups = (0..40).map(|i| {
+        let (stack, code) = (&platform.stack, code.clone());
+        async move {
+            stack
+                // One number per 10,000-number block, under the block budget.
+                .sign_in(&format!("+7960{:03}0001", 200 + i), Some(&code))
+                .await
+                .user_id
+        }
+    });
+    let (users, events) = tokio::join!(futures::future::join_all(sign_ups), take(&mut stream, 80));
+    let users: std::collections::HashSet<String> = users.into_iter().collect();
+
+    let ids: std::collections::HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 80, "each event once");
+    let mut created = std::collections::HashSet::new();
+    let mut activated = std::collections::HashSet::new();
+    for event in &events {
+        match &event.data {
+            Some(pb::event::Data::UserCreated(c)) => {
+                created.insert(c.user_id.clone());
+            }
+            Some(pb::event::Data::InviteActivated(a)) => {
+                assert!(
+                    created.contains(&a.invitee_user_id),
+                    "activation before sign-up"
+                );
+                assert_eq!(a.inviter_user_id, inviter.user_id);
+                assert_eq!((a.invitee_points, a.inviter_points), (100, 200));
+                activated.insert(a.invitee_user_id.clone());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, users);
+    assert_eq!(activated, users);
 }
