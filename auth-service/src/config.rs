@@ -5,7 +5,8 @@
 //! | key | default | meaning |
 //! |---|---|---|
 //! | `AUTH_GRPC_ADDR` | `0.0.0.0:50051` | where the gRPC server listens |
-//! | `REDIS_URL` | `redis://127.0.0.1:6379` | Redis holding codes, limits and refresh tokens |
+//! | `REDIS_URL` | `redis://127.0.0.1:6379` | Redis holding codes, limits and refresh tokens: one endpoint (`rediss://` for TLS) |
+//! | `REDIS_CLUSTER_URLS` | unset: `REDIS_URL` | a Redis Cluster instead: seed node URLs, comma-separated (`redis://:pw@10.0.0.1:6379,redis://:pw@10.0.0.2:6379`); one answering is enough, the rest is discovered. All seeds share one password and scheme; database 0 only. When set, `REDIS_URL` is ignored |
 //! | `REDIS_KEY_PREFIX` | `refsys:auth:` | prefix of every key (no braces) |
 //! | `REFERRAL_GRPC_URL` | `http://127.0.0.1:50052` | referral-service, for `UserDirectory.EnsureUser` |
 //! | `JWT_SIGNING_KEY_FILE` | unset: ephemeral dev key + warning | Ed25519 private key, PKCS#8 PEM |
@@ -60,11 +61,11 @@ use crate::phone::Region;
 use crate::policy::{DEFAULT_NUMBER_TYPES, SmsPolicy, TestNumbers};
 use crate::service_clients::{CLIENTS_FILE_KEY, ServiceClients};
 use crate::sms::{DEFAULT_TEMPLATE, TwilioSettings};
-use crate::store::DEFAULT_KEY_PREFIX;
 use crate::store::fraud::{FraudMode, FraudSettings};
 use crate::store::otp::OtpLimits;
 use crate::store::refresh::SessionLimits;
 use crate::store::service_tokens::ServiceTokenLimits;
+use crate::store::{DEFAULT_KEY_PREFIX, RedisTarget};
 
 /// Which SMS provider delivers codes.
 #[derive(Debug, Clone)]
@@ -78,7 +79,8 @@ pub enum SmsProvider {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub grpc_addr: SocketAddr,
-    pub redis_url: String,
+    /// `REDIS_URL`, or `REDIS_CLUSTER_URLS` when set. `Debug` masks passwords.
+    pub redis: RedisTarget,
     pub redis_key_prefix: String,
     pub referral_grpc_url: String,
     pub jwt_signing_key_file: Option<PathBuf>,
@@ -135,6 +137,89 @@ fn required<S: Source>(s: &Settings<S>, key: &str, why: &str) -> Result<String, 
         .ok_or_else(|| ConfigError::new(key, "", format_args!("required {why}")))
 }
 
+/// The key of the cluster seeds.
+const CLUSTER_KEY: &str = "REDIS_CLUSTER_URLS";
+
+/// `REDIS_CLUSTER_URLS` if set, else `REDIS_URL`. Both often hold the Redis password: values are
+/// shown masked, with only a masked parse's message; a bad seed is named on its own.
+fn redis_target<S: Source>(s: &Settings<S>) -> Result<RedisTarget, ConfigError> {
+    let Some(raw) = s.raw(CLUSTER_KEY) else {
+        let url = non_empty(s, "REDIS_URL", "redis://127.0.0.1:6379");
+        service_kit::config::check_secret_url("REDIS_URL", &url, "not a Redis URL", |url| {
+            redis::Client::open(url).map(drop)
+        })?;
+        return Ok(RedisTarget::Single(url));
+    };
+    let seeds: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let shown = || {
+        seeds
+            .iter()
+            .map(|seed| service_kit::config::redact_url(seed))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if seeds.is_empty() {
+        return Err(ConfigError::new(
+            CLUSTER_KEY,
+            &service_kit::config::redact_url(&raw),
+            "expected seed node URLs separated by commas",
+        ));
+    }
+    let mut first = None;
+    for seed in &seeds {
+        service_kit::config::check_secret_url(CLUSTER_KEY, seed, "not a Redis URL", |url| {
+            use redis::IntoConnectionInfo;
+            let info = url.into_connection_info()?;
+            match info.addr {
+                redis::ConnectionAddr::Unix(_) => Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "a cluster is reached over TCP, not a unix socket",
+                ))),
+                _ if info.redis.db != 0 => Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "a Redis Cluster has database 0 only",
+                ))),
+                _ => Ok(()),
+            }
+        })?;
+        // Every node is reached with the same credentials and scheme.
+        use redis::IntoConnectionInfo;
+        let info = seed
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| ConfigError::new(CLUSTER_KEY, &shown(), "not a Redis URL"))?;
+        let tls = matches!(info.addr, redis::ConnectionAddr::TcpTls { .. });
+        let this = (info.redis.username, info.redis.password, tls);
+        match &first {
+            None => first = Some(this),
+            Some(first) if first.2 != this.2 => {
+                return Err(ConfigError::new(
+                    CLUSTER_KEY,
+                    &shown(),
+                    "every seed must use the same scheme (all redis:// or all rediss:// for TLS)",
+                ));
+            }
+            Some(first) if (&first.0, &first.1) != (&this.0, &this.1) => {
+                return Err(ConfigError::new(
+                    CLUSTER_KEY,
+                    &shown(),
+                    "every seed must have the same user name and password",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    // The client's own checks; its messages name no credentials.
+    crate::store::connection::cluster_client(&seeds, Duration::from_secs(1))
+        .map_err(|err| ConfigError::new(CLUSTER_KEY, &shown(), err))?;
+    Ok(RedisTarget::Cluster(seeds))
+}
+
 impl AuthConfig {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -145,11 +230,7 @@ impl AuthConfig {
     pub fn from_source<S: Source>(source: S) -> Result<Self, ConfigError> {
         let s = Settings(source);
 
-        let redis_url = non_empty(&s, "REDIS_URL", "redis://127.0.0.1:6379");
-        // Often holds the Redis password: shown masked, with only a masked parse's message.
-        service_kit::config::check_secret_url("REDIS_URL", &redis_url, "not a Redis URL", |url| {
-            redis::Client::open(url).map(drop)
-        })?;
+        let redis = redis_target(&s)?;
         let redis_key_prefix = non_empty(&s, "REDIS_KEY_PREFIX", DEFAULT_KEY_PREFIX);
         if !crate::store::valid_prefix(&redis_key_prefix) {
             return Err(ConfigError::new(
@@ -318,7 +399,7 @@ impl AuthConfig {
 
         Ok(Self {
             grpc_addr: s.socket_addr("AUTH_GRPC_ADDR", "0.0.0.0:50051")?,
-            redis_url,
+            redis,
             redis_key_prefix,
             referral_grpc_url: s.url("REFERRAL_GRPC_URL", "http://127.0.0.1:50052")?,
             jwt_signing_key_file: s.raw("JWT_SIGNING_KEY_FILE").map(PathBuf::from),
@@ -396,7 +477,10 @@ mod tests {
     fn defaults() {
         let c = config(&[]).unwrap();
         assert_eq!(c.grpc_addr.to_string(), "0.0.0.0:50051");
-        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(
+            c.redis,
+            RedisTarget::Single("redis://127.0.0.1:6379".to_owned())
+        );
         assert_eq!(c.redis_key_prefix, "refsys:auth:");
         assert_eq!(c.referral_grpc_url, "http://127.0.0.1:50052");
         assert_eq!(c.jwt_issuer, "refsys-auth");
@@ -518,6 +602,11 @@ mod tests {
             ("OTP_MAX_FAILED_PER_PHONE_PER_DAY", "0"),
             ("ACCESS_TOKEN_TTL_SECONDS", "5"),
             ("REDIS_URL", "http://nope"),
+            ("REDIS_CLUSTER_URLS", " , "),
+            ("REDIS_CLUSTER_URLS", "redis://a:6379,http://b:6379"),
+            ("REDIS_CLUSTER_URLS", "redis://a:6379/2"),
+            ("REDIS_CLUSTER_URLS", "redis+unix:///run/redis.sock"),
+            ("REDIS_CLUSTER_URLS", "redis://a:6379,rediss://b:6379"),
             ("REDIS_KEY_PREFIX", "a{b}:"),
             ("REFERRAL_GRPC_URL", "referral:50052"),
             ("AUTH_GRPC_ADDR", "nowhere"),
@@ -543,9 +632,56 @@ mod tests {
             ("SERVICE_TOKEN_MAX_FAILURES_PER_CLIENT_PER_MINUTE", "0"),
             ("SERVICE_CLIENTS_FILE", "/nonexistent/clients.json"),
         ] {
-            let err = config(&[(key, value)]).unwrap_err();
+            let err = config(&[(key, value)]).expect_err(value);
             let line = err.to_string();
             assert!(line.contains(key), "{key}={value}: {line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn cluster_seeds_replace_redis_url_and_never_show_a_password() {
+        let c = config(&[
+            ("REDIS_URL", "this is ignored"),
+            (
+                "REDIS_CLUSTER_URLS",
+                " redis://:s3cret@10.0.0.1:6379, redis://:s3cret@10.0.0.2:6379 ,",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.redis,
+            RedisTarget::Cluster(vec![
+                "redis://:s3cret@10.0.0.1:6379".to_owned(),
+                "redis://:s3cret@10.0.0.2:6379".to_owned()
+            ])
+        );
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        assert_eq!(
+            c.redis.redacted(),
+            "cluster [redis://:***@10.0.0.1:6379, redis://:***@10.0.0.2:6379]"
+        );
+        let tls = config(&[("REDIS_CLUSTER_URLS", "rediss://u:pw@redis.example:6380")]).unwrap();
+        assert!(matches!(tls.redis, RedisTarget::Cluster(seeds) if seeds.len() == 1));
+
+        for (value, why) in [
+            (
+                "redis://:s3cret@a:6379,redis://:s3cret@b:notaport",
+                "b:notaport",
+            ),
+            ("redis://:s3cret@a:6379,redis://:other@b:6379", "password"),
+            ("redis://u:s3cret@a:6379/1", "database 0"),
+            ("redis://:s3cret@a:6379,rediss://:s3cret@b:6379", "TLS"),
+        ] {
+            let err = config(&[("REDIS_CLUSTER_URLS", value)]).expect_err(value);
+            let line = err.to_string();
+            assert!(line.contains("REDIS_CLUSTER_URLS="), "{line}");
+            assert!(line.contains(why), "{value}: {line}");
+            assert!(
+                !line.contains("s3cret") && !line.contains("other"),
+                "{line}"
+            );
+            assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
             assert!(!line.contains('\n'), "{line}");
         }
     }

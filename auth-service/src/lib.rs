@@ -46,7 +46,7 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("signing keys: {0}")]
     Keys(String),
-    #[error("REDIS_URL: {0}")]
+    #[error("Redis: {0}")]
     Redis(#[from] StoreError),
     #[error("REFERRAL_GRPC_URL: {0}")]
     ReferralUrl(#[from] tonic::transport::Error),
@@ -82,10 +82,17 @@ pub async fn serve(
     // into a crash loop whose back-off outlasts the outage.
     let mut shutdown = std::pin::pin!(shutdown);
     let conn = loop {
-        match store::connect(&config.redis_url, REDIS_TIMEOUT).await {
-            Ok(conn) => break conn,
+        match store::connect_to(&config.redis, REDIS_TIMEOUT).await {
+            Ok(conn) => {
+                tracing::info!(redis = %config.redis.redacted(), "connected to Redis");
+                break conn;
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "Redis is not reachable yet; retrying every second");
+                tracing::warn!(
+                    error = %err,
+                    redis = %config.redis.redacted(),
+                    "Redis is not reachable yet; retrying every second"
+                );
                 tokio::select! {
                     () = &mut shutdown => return Ok(()),
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -11,14 +11,13 @@
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 
-use super::{StoreError, millis, ms};
+use super::{RedisConnection, StoreError, millis, ms};
 use crate::error::Limit;
 
 // KEYS[1] the counter; KEYS[2] (optional, same hash tag) a gate whose existence refuses.
 // ARGV: max, window ms. Returns {0, 0} admitted, {1, ms} counter full, {2, ms} gate closed.
-const ADMIT: &str = r#"
+pub(crate) const ADMIT: &str = r#"
 if KEYS[2] then
   local gate = redis.call('PTTL', KEYS[2])
   if gate > 0 then return {2, gate} end
@@ -35,7 +34,7 @@ return {0, 0}
 "#;
 
 /// Decrements a counter that still exists (never creates one without a TTL).
-const RELEASE: &str = r#"
+pub(crate) const RELEASE: &str = r#"
 local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 if n > 0 then redis.call('DECR', KEYS[1]) end
 return 0
@@ -74,7 +73,7 @@ impl BudgetScripts {
     /// returns the error.
     pub async fn admit_all(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConnection,
         budgets: &[Budget],
     ) -> Result<Option<(Limit, Duration)>, StoreError> {
         for (index, budget) in budgets.iter().enumerate() {
@@ -114,7 +113,7 @@ impl BudgetScripts {
     /// Gives back one event on each budget.
     pub async fn release_all(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConnection,
         budgets: &[Budget],
     ) -> Result<(), StoreError> {
         let mut first_error = None;

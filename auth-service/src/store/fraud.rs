@@ -18,9 +18,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 
-use super::{StoreError, ms};
+use super::{RedisConnection, StoreError, ms};
 
 /// `SMS_FRAUD_GUARD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +69,7 @@ impl Default for FraudSettings {
 // KEYS: conv, trip marker. ARGV: 's' or 'v', minute now, window minutes, min sends,
 // min conversion, block ms. Returns {sends, verified, tripped} over the window, this event
 // included; tripped is 1 only for the send that trips the guard.
-const RECORD: &str = r#"
+pub(crate) const RECORD: &str = r#"
 local now = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 1)
@@ -137,7 +136,7 @@ impl FraudGuard {
     /// `region_tag`. `None` when the guard is off.
     pub async fn record(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConnection,
         region_tag: &str,
         sent: bool,
         now: SystemTime,

@@ -9,25 +9,46 @@
 //! token-hash → family lookup) are only ever used by single-key commands or scripts; see the
 //! module docs for the consequences.
 //!
-//! Every call goes through a [`redis::aio::ConnectionManager`] (it reconnects by itself) with
-//! connection and response timeouts, and is additionally bounded by an overall deadline, so a
-//! dead Redis answers [`StoreError::Unavailable`] quickly instead of hanging a request.
+//! Every call goes through a [`RedisConnection`]: a [`redis::aio::ConnectionManager`] for one
+//! endpoint or the native cluster client for a Redis Cluster ([`connection`]); both reconnect
+//! by themselves and have connection and response timeouts, and every call is additionally
+//! bounded by an overall deadline, so a dead Redis (or a cluster mid-failover) answers
+//! [`StoreError::Unavailable`] quickly instead of hanging a request. Replies that only a bug
+//! explains (a reply of the wrong shape, a script error, keys of one script in different
+//! slots) are [`StoreError::Corrupt`] instead, so tests catch them rather than mistake them
+//! for an outage.
 
 pub mod budget;
+pub mod connection;
 pub mod fraud;
 pub mod otp;
 pub mod refresh;
 pub mod service_tokens;
+pub mod slots;
 
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
+pub use connection::{RedisConnection, RedisTarget, connect, connect_cluster, connect_to};
 pub use otp::OtpStore;
 pub use refresh::RefreshStore;
 
 use crate::error::{AuthError, Dependency};
+
+/// Every Lua script of the stores, by name, so a test can prove that each one ran (on a
+/// cluster, where Redis itself refuses keys of one script in different slots).
+pub const SCRIPTS: &[(&str, &str)] = &[
+    ("budget admit", budget::ADMIT),
+    ("budget release", budget::RELEASE),
+    ("fraud record", fraud::RECORD),
+    ("otp send admit", otp::SEND_ADMIT),
+    ("otp send rollback", otp::SEND_ROLLBACK),
+    ("otp verify", otp::VERIFY),
+    ("otp consume", otp::CONSUME),
+    ("otp release", otp::RELEASE),
+    ("refresh create", refresh::CREATE),
+    ("refresh rotate", refresh::ROTATE),
+];
 
 /// The default key prefix (`REDIS_KEY_PREFIX`).
 pub const DEFAULT_KEY_PREFIX: &str = "refsys:auth:";
@@ -45,11 +66,30 @@ pub enum StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(err: redis::RedisError) -> Self {
-        if err.kind() == redis::ErrorKind::TypeError {
+        if is_bug(&err) {
             Self::Corrupt(err.to_string())
         } else {
             Self::Unavailable(err.to_string())
         }
+    }
+}
+
+/// Whether `err` can only come from a bug on our side, however often it is retried: a reply
+/// of the wrong shape, keys of one script in different cluster slots (`CROSSSLOT`, or a script
+/// touching a key it did not declare), a failing script, a key of the wrong type. Everything
+/// else — I/O errors and timeouts, `MOVED`/`ASK` left over after the client's retries,
+/// `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, `LOADING`, `READONLY` (a replica during a
+/// failover), `OOM`, `BUSY` — is Redis being unavailable for now.
+fn is_bug(err: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    match err.kind() {
+        ErrorKind::TypeError | ErrorKind::CrossSlot | ErrorKind::ExecAbortError => true,
+        // `ERR ...`: script errors and bad commands, except running out of connections.
+        ErrorKind::ResponseError => !err
+            .detail()
+            .is_some_and(|detail| detail.contains("max number of clients")),
+        ErrorKind::ExtensionError => err.code() == Some("WRONGTYPE"),
+        _ => false,
     }
 }
 
@@ -64,24 +104,6 @@ impl From<StoreError> for AuthError {
 
 /// How long one Redis call may take in total (connect included) before it fails.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Connects to `url` with a [`ConnectionManager`] whose connection and response timeouts are
-/// `timeout`, retrying a lost connection briefly in the background.
-pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout)
-        .set_number_of_retries(2)
-        .set_factor(50)
-        .set_max_delay(500);
-    bounded(timeout * 3, async {
-        ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(StoreError::from)
-    })
-    .await
-}
 
 /// Runs one store call with an overall deadline.
 pub(crate) async fn bounded<T>(
@@ -119,13 +141,72 @@ pub(crate) fn ms(duration: Duration) -> u64 {
         .max(1)
 }
 
-/// Whether Redis answers a PING within `timeout` (the readiness check).
-pub async fn is_reachable(conn: &ConnectionManager, timeout: Duration) -> bool {
-    let mut conn = conn.clone();
-    bounded(timeout, async {
-        let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
-        Ok(pong)
-    })
-    .await
-    .is_ok()
+/// Whether Redis answers a PING within `timeout` (the readiness check; on a cluster, any one
+/// node: see [`RedisConnection::ping`]).
+pub async fn is_reachable(conn: &RedisConnection, timeout: Duration) -> bool {
+    bounded(timeout, conn.ping()).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error Redis would answer with `line` (as the wire carries it).
+    fn server_error(line: &str) -> redis::RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .unwrap()
+            .extract_error()
+            .unwrap_err()
+    }
+
+    #[test]
+    fn outages_are_unavailable_and_bugs_are_corrupt() {
+        for line in [
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "CLUSTERDOWN The cluster is down",
+            "CLUSTERDOWN Hash slot not served",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica.",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "BUSY Redis is busy running a script.",
+            "NOSCRIPT No matching script.",
+            "ERR max number of clients reached",
+        ] {
+            let err = StoreError::from(server_error(line));
+            assert!(matches!(err, StoreError::Unavailable(_)), "{line}: {err:?}");
+        }
+        for err in [
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+        ] {
+            assert!(matches!(StoreError::from(err), StoreError::Unavailable(_)));
+        }
+
+        for line in [
+            "CROSSSLOT Keys in request don't hash to the same slot",
+            "ERR Script attempted to access a non local key in a cluster node script",
+            "ERR user_script:3: attempt to compare nil with number script: 1f0c, on @user_script:3.",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "EXECABORT Transaction discarded because of previous errors.",
+        ] {
+            let err = StoreError::from(server_error(line));
+            assert!(matches!(err, StoreError::Corrupt(_)), "{line}: {err:?}");
+        }
+        let shape = redis::from_redis_value::<(i64, i64)>(&redis::Value::Int(1)).unwrap_err();
+        assert!(matches!(StoreError::from(shape), StoreError::Corrupt(_)));
+        let cross = slots::check_script(
+            redis::cmd("EVALSHA")
+                .arg("0")
+                .arg(2)
+                .arg("{a}x")
+                .arg("{b}x"),
+        )
+        .unwrap_err();
+        let status = tonic::Status::from(AuthError::from(StoreError::from(cross)));
+        assert_eq!(status.code(), tonic::Code::Internal);
+    }
 }

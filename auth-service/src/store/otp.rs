@@ -48,11 +48,10 @@
 use std::time::{Duration, SystemTime};
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use super::budget::{Budget, BudgetScripts};
 use super::fraud::{FraudGuard, FraudSettings, RegionStanding};
-use super::{StoreError, bounded, millis, ms, random_id};
+use super::{RedisConnection, StoreError, bounded, millis, ms, random_id};
 use crate::client::ClientId;
 use crate::error::{Limit, Rejection};
 use crate::phone::PhoneNumber;
@@ -166,7 +165,7 @@ pub enum VerifyOutcome {
 // KEYS: otp, cooldown, sends, fails. ARGV: code hash, code ttl ms, cooldown ms, max sends,
 // window ms, reservation id, max fails. Returns {0, 0} admitted, {1, ms} cooldown, {2, ms}
 // hourly cap, {3, ms} verification locked (a code could not be used, so none is sent).
-const SEND_ADMIT: &str = r#"
+pub(crate) const SEND_ADMIT: &str = r#"
 local fails = tonumber(redis.call('GET', KEYS[4]) or '0')
 if fails >= tonumber(ARGV[7]) then
   local ttl = redis.call('PTTL', KEYS[4])
@@ -190,7 +189,7 @@ return {0, 0}
 "#;
 
 // KEYS: otp, cooldown, sends. ARGV: reservation id.
-const SEND_ROLLBACK: &str = r#"
+pub(crate) const SEND_ROLLBACK: &str = r#"
 if redis.call('HGET', KEYS[1], 'r') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local n = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -203,7 +202,7 @@ return 0
 // hash of a test number ('' for others).
 // Returns {0,0} claimed, {1,0} no code, {2,left} wrong, {4,ms} phone locked, {5,ms} claimed by
 // someone else, {6,ms} phone locked for this client, {7,0} fixed code accepted.
-const VERIFY: &str = r#"
+pub(crate) const VERIFY: &str = r#"
 local function locked(key, max)
   local n = tonumber(redis.call('GET', key) or '0')
   if n < tonumber(max) then return 0 end
@@ -252,7 +251,7 @@ return {0, 0}
 // KEYS: otp, cooldown. ARGV: claim id. Returns 1 when the claim was still held and the code
 // is gone. The cooldown of the send that delivered this code ends too: it guards against
 // resending a pending code, and there is none left.
-const CONSUME: &str = r#"
+pub(crate) const CONSUME: &str = r#"
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
   if redis.call('GET', KEYS[2]) == redis.call('HGET', KEYS[1], 'r') then
     redis.call('DEL', KEYS[2])
@@ -265,7 +264,7 @@ return 0
 
 // KEYS: otp (cooldown unused). ARGV: claim id. Returns 1 when the claim was still held and is
 // now dropped.
-const RELEASE: &str = r#"
+pub(crate) const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'c', 'ce')
   return 1
@@ -276,7 +275,7 @@ return 0
 /// Pending codes and their limits in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct OtpStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     limits: OtpLimits,
     call_timeout: Duration,
@@ -296,7 +295,7 @@ struct Scripts {
 impl OtpStore {
     /// A store using `conn`, keys under `prefix` (no braces; see [`super::valid_prefix`]).
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConnection,
         prefix: impl Into<String>,
         limits: OtpLimits,
         fraud: FraudSettings,

@@ -35,12 +35,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
-use super::{StoreError, bounded, ms, random_id};
+use super::{RedisConnection, StoreError, bounded, ms, random_id};
 use crate::otp::hex;
 
 /// Length of a refresh token in characters (32 bytes, base64url, no padding).
@@ -196,7 +195,7 @@ pub struct SessionInfo {
 
 // KEYS: family, spent. ARGV: user, roles json, token hash, token ttl ms, now ms, absolute end
 // ms, masked client.
-const CREATE: &str = r#"
+pub(crate) const CREATE: &str = r#"
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'user', ARGV[1], 'roles', ARGV[2], 'cur', ARGV[3], 'created', ARGV[5],
   'last', ARGV[5], 'rot', 0, 'exp', ARGV[6], 'rexp', ARGV[5] + ARGV[4], 'client', ARGV[7])
@@ -208,7 +207,7 @@ return 1
 // ms, 6 live roles json. Returns {status, user, roles, rotated at ms, token end ms}: 1 rotated,
 // 4 replayed (the old token again within the grace window: the same successor), 2 reuse
 // (family revoked), 3 lifetime over (family removed), 0 invalid.
-const ROTATE: &str = r#"
+pub(crate) const ROTATE: &str = r#"
 local f = redis.call('HMGET', KEYS[1], 'cur', 'prev', 'rot', 'exp', 'user', 'roles', 'rexp')
 local cur = f[1]
 if not cur then return {0, '', '', 0, 0} end
@@ -277,7 +276,7 @@ impl Default for SessionLimits {
 /// Sessions in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct RefreshStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     limits: SessionLimits,
     call_timeout: Duration,
@@ -289,7 +288,7 @@ pub struct RefreshStore {
 impl RefreshStore {
     /// A store using `conn`, keys under `prefix`, successors derived with `key`.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConnection,
         prefix: impl Into<String>,
         limits: SessionLimits,
         key: SuccessorKey,

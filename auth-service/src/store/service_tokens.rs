@@ -19,10 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
 use super::budget::{Budget, BudgetScripts};
-use super::{StoreError, bounded};
+use super::{RedisConnection, StoreError, bounded};
 use crate::error::Limit;
 use crate::service_clients::ServiceClient;
 
@@ -64,7 +62,7 @@ pub enum Admission {
 /// The attempt and failure budgets in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct ServiceTokenStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     limits: ServiceTokenLimits,
     call_timeout: Duration,
@@ -74,7 +72,7 @@ pub struct ServiceTokenStore {
 impl ServiceTokenStore {
     /// A store using `conn`, keys under `prefix` (no braces; see [`super::valid_prefix`]).
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConnection,
         prefix: impl Into<String>,
         limits: ServiceTokenLimits,
         call_timeout: Duration,
