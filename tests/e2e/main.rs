@@ -3,6 +3,7 @@
 
 mod abuse;
 mod bad_input;
+mod cluster;
 mod faults;
 mod foundation;
 mod journey;

@@ -2,6 +2,7 @@
 //! end-to-end tests (and the load generator): free ports, a fresh database, a private Redis that
 //! can be stopped and restarted, and a local Twilio-compatible endpoint that captures the codes.
 
+pub mod cluster;
 pub mod process;
 pub mod proxy;
 pub mod raw;
