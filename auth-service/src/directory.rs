@@ -2,8 +2,21 @@
 //! refresh (live roles), DeleteUser for account deletion — each authenticated with a
 //! short-lived service token carrying its own scope, within the caller's remaining deadline,
 //! carrying the trace context.
+//!
+//! Every call follows the retry policy published for refsys' clients in
+//! `deploy/grpc-service-config.json` (tonic has no service-config retries, so it is applied
+//! here): an UNAVAILABLE answer — a replica draining or gone, a refused connection, referral's
+//! database briefly out of reach — is retried with exponential backoff, at most
+//! [`RetryPolicy::PUBLISHED`]`.max_attempts` attempts in all, never past the caller's deadline,
+//! and not at all while most recent calls failed (gRPC's `retryThrottling`); a call the
+//! transport never sent (its connection closed first) is retried at once, as gRPC's
+//! transparent retry does. All three RPCs are idempotent: EnsureUser finds the user of a phone
+//! before creating one and an invite code is activated once for ever, LookupUser reads,
+//! DeleteUser of a deleted user is done.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use refsys_proto::referral::v1::user_directory_client::UserDirectoryClient;
@@ -13,7 +26,9 @@ use refsys_proto::referral::v1::{
 use service_kit::tokens::{
     DELETE_USER_SCOPE, ENSURE_USER_SCOPE, LOOKUP_USER_SCOPE, REFERRAL_SERVICE_AUDIENCE,
 };
+use tokio::time::Instant;
 use tonic::Code;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{AuthError, Dependency};
@@ -22,8 +37,108 @@ use crate::tokens::TokenIssuer;
 
 /// Service tokens live just long enough for one call.
 const SERVICE_TOKEN_TTL: Duration = Duration::from_secs(60);
-/// The longest EnsureUser may take when the caller set no deadline.
+/// The longest a directory call may take, retries included, when the caller set no deadline
+/// (or a longer one).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A retry is only sent when at least this much of the deadline is left after its backoff:
+/// less would be a call that can only time out.
+const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(50);
+
+/// A gRPC `retryPolicy` (retryable code: UNAVAILABLE only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first one included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub backoff_multiplier: f64,
+}
+
+impl RetryPolicy {
+    /// The policy of `deploy/grpc-service-config.json` (a unit test holds the two together).
+    pub const PUBLISHED: Self = Self {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        backoff_multiplier: 2.0,
+    };
+
+    /// The upper bound of the pause before retry number `retry` (1 for the first retry):
+    /// `min(initial_backoff × multiplier^(retry-1), max_backoff)`.
+    pub fn backoff_ceiling(&self, retry: u32) -> Duration {
+        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+        let factor = self.backoff_multiplier.powi(exponent);
+        if factor.is_finite()
+            && self.initial_backoff.as_secs_f64() * factor < self.max_backoff.as_secs_f64()
+        {
+            self.initial_backoff.mul_f64(factor)
+        } else {
+            self.max_backoff
+        }
+    }
+
+    /// The pause before retry number `retry`: uniformly random up to the ceiling, as gRPC
+    /// does, so that callers failed by the same event do not come back in step.
+    fn backoff(&self, retry: u32) -> Duration {
+        use rand::Rng;
+        self.backoff_ceiling(retry)
+            .mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// gRPC's `retryThrottling`: every UNAVAILABLE answer takes a token, every success gives back
+/// `token_ratio` of one, and retries stop while at most half of `max_tokens` are left. A burst
+/// of failures (a replica going away under load) is retried; a referral-service that fails
+/// everything is not hammered with four times the calls.
+#[derive(Debug)]
+pub struct RetryThrottle {
+    /// Tokens in thousandths.
+    milli_tokens: AtomicU32,
+    max_milli_tokens: u32,
+    milli_ratio: u32,
+}
+
+impl RetryThrottle {
+    /// The `retryThrottling` of `deploy/grpc-service-config.json`.
+    pub const PUBLISHED_MAX_TOKENS: u32 = 100;
+    pub const PUBLISHED_TOKEN_RATIO: f64 = 0.1;
+
+    pub fn new(max_tokens: u32, token_ratio: f64) -> Self {
+        let max_milli_tokens = max_tokens.saturating_mul(1000);
+        Self {
+            milli_tokens: AtomicU32::new(max_milli_tokens),
+            max_milli_tokens,
+            // At most a whole token per success; gRPC keeps three decimals of the ratio.
+            milli_ratio: (token_ratio.clamp(0.0, 1.0) * 1000.0).round() as u32,
+        }
+    }
+
+    pub fn published() -> Self {
+        Self::new(Self::PUBLISHED_MAX_TOKENS, Self::PUBLISHED_TOKEN_RATIO)
+    }
+
+    pub fn on_failure(&self) {
+        let _ = self
+            .milli_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(1000))
+            });
+    }
+
+    pub fn on_success(&self) {
+        let max = self.max_milli_tokens;
+        let ratio = self.milli_ratio;
+        let _ = self
+            .milli_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(ratio).min(max))
+            });
+    }
+
+    pub fn allows_retry(&self) -> bool {
+        self.milli_tokens.load(Ordering::Relaxed) > self.max_milli_tokens / 2
+    }
+}
 
 /// The user behind a verified phone number.
 #[derive(Debug, Clone)]
@@ -38,6 +153,9 @@ pub struct EnsuredUser {
 pub struct Directory {
     client: UserDirectoryClient<Channel>,
     issuer: Arc<TokenIssuer>,
+    policy: RetryPolicy,
+    /// One per channel (all clones share it), like gRPC's per-target throttle.
+    throttle: Arc<RetryThrottle>,
 }
 
 impl Directory {
@@ -53,28 +171,99 @@ impl Directory {
         Ok(Self {
             client: UserDirectoryClient::new(channel),
             issuer,
+            policy: RetryPolicy::PUBLISHED,
+            throttle: Arc::new(RetryThrottle::published()),
         })
     }
 
-    /// A request carrying a service token for `scope`, the trace context and a deadline of at
-    /// most the caller's.
-    fn request<T>(
+    /// `authorization: Bearer <service token for scope>`; one token serves every attempt of a
+    /// call (it outlives any deadline here).
+    fn authorization(
         &self,
-        message: T,
         scope: &str,
-        caller_timeout: Option<Duration>,
-    ) -> Result<tonic::Request<T>, AuthError> {
+    ) -> Result<MetadataValue<tonic::metadata::Ascii>, AuthError> {
         let token =
             self.issuer
                 .service_token(REFERRAL_SERVICE_AUDIENCE, scope, SERVICE_TOKEN_TTL)?;
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(caller_timeout.map_or(DEFAULT_TIMEOUT, |t| t.min(DEFAULT_TIMEOUT)));
-        let bearer = format!("Bearer {token}")
+        format!("Bearer {token}")
             .parse()
-            .map_err(|_| AuthError::internal("service token is not valid metadata"))?;
-        request.metadata_mut().insert("authorization", bearer);
+            .map_err(|_| AuthError::internal("service token is not valid metadata"))
+    }
+
+    /// One attempt's request: the service token, the trace context and `timeout`.
+    fn request<T>(
+        message: T,
+        authorization: &MetadataValue<tonic::metadata::Ascii>,
+        timeout: Duration,
+    ) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        request
+            .metadata_mut()
+            .insert("authorization", authorization.clone());
         service_kit::telemetry::inject_context(request.metadata_mut());
-        Ok(request)
+        request
+    }
+
+    /// Runs `attempt` (given the time left) under the retry policy: UNAVAILABLE is retried
+    /// after a backoff while attempts, throttle tokens and the deadline — the caller's, at most
+    /// [`DEFAULT_TIMEOUT`], counted from now — allow; anything else is the answer. A call that
+    /// runs out of retries answers with its last UNAVAILABLE, before the deadline.
+    async fn with_retries<R, F, Fut>(
+        &self,
+        rpc: &'static str,
+        caller_timeout: Option<Duration>,
+        mut attempt: F,
+    ) -> Result<tonic::Response<R>, tonic::Status>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let deadline =
+            Instant::now() + caller_timeout.map_or(DEFAULT_TIMEOUT, |t| t.min(DEFAULT_TIMEOUT));
+        let mut attempts = 1;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match attempt(left).await {
+                // Never sent: retried at once (gRPC's transparent retry), still one attempt.
+                Err(status)
+                    if never_sent(&status)
+                        && attempts < self.policy.max_attempts
+                        && Instant::now() + MIN_ATTEMPT_TIME <= deadline =>
+                {
+                    tracing::debug!(
+                        rpc,
+                        attempt = attempts,
+                        "the connection to referral-service closed before the call was sent; retrying"
+                    );
+                    attempts += 1;
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    self.throttle.on_failure();
+                    if attempts >= self.policy.max_attempts || !self.throttle.allows_retry() {
+                        return Err(status);
+                    }
+                    let pause = self.policy.backoff(attempts);
+                    if Instant::now() + pause + MIN_ATTEMPT_TIME > deadline {
+                        return Err(status);
+                    }
+                    tracing::debug!(
+                        rpc,
+                        attempt = attempts,
+                        pause_ms = pause.as_millis(),
+                        error = status.message(),
+                        "referral-service answered UNAVAILABLE; retrying"
+                    );
+                    tokio::time::sleep(pause).await;
+                    attempts += 1;
+                }
+                Ok(response) => {
+                    self.throttle.on_success();
+                    return Ok(response);
+                }
+                Err(status) => return Err(status),
+            }
+        }
     }
 
     /// Finds or creates the user of `phone`, activating `invite_code` if given.
@@ -84,18 +273,17 @@ impl Directory {
         invite_code: Option<String>,
         caller_timeout: Option<Duration>,
     ) -> Result<EnsuredUser, AuthError> {
-        let request = self.request(
-            EnsureUserRequest {
-                phone_number: phone.e164().to_owned(),
-                invite_code,
-            },
-            ENSURE_USER_SCOPE,
-            caller_timeout,
-        )?;
+        let authorization = self.authorization(ENSURE_USER_SCOPE)?;
+        let message = EnsureUserRequest {
+            phone_number: phone.e164().to_owned(),
+            invite_code,
+        };
         let response = self
-            .client
-            .clone()
-            .ensure_user(request)
+            .with_retries("EnsureUser", caller_timeout, |timeout| {
+                let request = Self::request(message.clone(), &authorization, timeout);
+                let mut client = self.client.clone();
+                async move { client.ensure_user(request).await }
+            })
             .await
             .map_err(|status| match status.code() {
                 // Both services share one phone validator, so this should not happen; if it
@@ -122,14 +310,18 @@ impl Directory {
         user_id: &str,
         caller_timeout: Option<Duration>,
     ) -> Result<Option<Vec<String>>, AuthError> {
-        let request = self.request(
-            LookupUserRequest {
-                user_id: user_id.to_owned(),
-            },
-            LOOKUP_USER_SCOPE,
-            caller_timeout,
-        )?;
-        match self.client.clone().lookup_user(request).await {
+        let authorization = self.authorization(LOOKUP_USER_SCOPE)?;
+        let message = LookupUserRequest {
+            user_id: user_id.to_owned(),
+        };
+        let answer = self
+            .with_retries("LookupUser", caller_timeout, |timeout| {
+                let request = Self::request(message.clone(), &authorization, timeout);
+                let mut client = self.client.clone();
+                async move { client.lookup_user(request).await }
+            })
+            .await;
+        match answer {
             Ok(response) => Ok(Some(response.into_inner().roles)),
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(call_failed("LookupUser", &status)),
@@ -143,19 +335,41 @@ impl Directory {
         user_id: &str,
         caller_timeout: Option<Duration>,
     ) -> Result<(), AuthError> {
-        let request = self.request(
-            DeleteUserRequest {
-                user_id: user_id.to_owned(),
-            },
-            DELETE_USER_SCOPE,
-            caller_timeout,
-        )?;
-        match self.client.clone().delete_user(request).await {
+        let authorization = self.authorization(DELETE_USER_SCOPE)?;
+        let message = DeleteUserRequest {
+            user_id: user_id.to_owned(),
+        };
+        let answer = self
+            .with_retries("DeleteUser", caller_timeout, |timeout| {
+                let request = Self::request(message.clone(), &authorization, timeout);
+                let mut client = self.client.clone();
+                async move { client.delete_user(request).await }
+            })
+            .await;
+        match answer {
             Ok(_) => Ok(()),
             Err(status) if status.code() == Code::NotFound => Ok(()),
             Err(status) => Err(call_failed("DeleteUser", &status)),
         }
     }
+}
+
+/// Whether `status` is a call that never left this process: it was queued on a connection
+/// that closed before writing it (a replica that is going away closes its connections). tonic
+/// reports this as CANCELLED with hyper's "canceled" error as the source; other gRPC clients
+/// retry such calls transparently, whatever the RPC, because the server never saw them.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    if status.code() != Code::Cancelled {
+        return false;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            return hyper.is_canceled();
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A failed call to referral-service: UNAVAILABLE for what a retry may fix, INTERNAL (logged,
@@ -173,5 +387,153 @@ fn call_failed(rpc: &str, status: &tonic::Status) -> AuthError {
             status.code(),
             status.message()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client config every refsys caller is told to use.
+    const PUBLISHED: &str = include_str!("../../deploy/grpc-service-config.json");
+
+    fn seconds(value: &serde_json::Value) -> Duration {
+        let text = value.as_str().expect("a duration string");
+        Duration::from_secs_f64(
+            text.strip_suffix('s')
+                .expect("durations end in s")
+                .parse()
+                .expect("seconds"),
+        )
+    }
+
+    /// The methodConfig entry naming `service`/`method`.
+    fn method_config<'a>(
+        config: &'a serde_json::Value,
+        service: &str,
+        method: &str,
+    ) -> Option<&'a serde_json::Value> {
+        config["methodConfig"].as_array()?.iter().find(|entry| {
+            entry["name"].as_array().is_some_and(|names| {
+                names
+                    .iter()
+                    .any(|name| name["service"] == service && name["method"] == method)
+            })
+        })
+    }
+
+    #[test]
+    fn the_directory_client_applies_the_published_policy() {
+        let config: serde_json::Value = serde_json::from_str(PUBLISHED).expect("valid JSON");
+        for method in ["EnsureUser", "LookupUser", "DeleteUser"] {
+            let entry = method_config(&config, "refsys.referral.v1.UserDirectory", method)
+                .unwrap_or_else(|| panic!("{method} has a method config"));
+            let retry = &entry["retryPolicy"];
+            let published = RetryPolicy {
+                max_attempts: u32::try_from(retry["maxAttempts"].as_u64().expect("maxAttempts"))
+                    .expect("small"),
+                initial_backoff: seconds(&retry["initialBackoff"]),
+                max_backoff: seconds(&retry["maxBackoff"]),
+                backoff_multiplier: retry["backoffMultiplier"].as_f64().expect("multiplier"),
+            };
+            assert_eq!(published, RetryPolicy::PUBLISHED, "{method}");
+            assert_eq!(
+                retry["retryableStatusCodes"],
+                serde_json::json!(["UNAVAILABLE"]),
+                "{method}"
+            );
+        }
+        let throttling = &config["retryThrottling"];
+        assert_eq!(
+            throttling["maxTokens"].as_u64(),
+            Some(u64::from(RetryThrottle::PUBLISHED_MAX_TOKENS))
+        );
+        assert_eq!(
+            throttling["tokenRatio"].as_f64(),
+            Some(RetryThrottle::PUBLISHED_TOKEN_RATIO)
+        );
+    }
+
+    #[test]
+    fn the_published_config_retries_only_what_is_safe_to_retry() {
+        let config: serde_json::Value = serde_json::from_str(PUBLISHED).expect("valid JSON");
+        // A retried SendCode may text a second code: the provider may have delivered a send
+        // that answered UNAVAILABLE.
+        assert!(method_config(&config, "refsys.auth.v1.AuthService", "SendCode").is_none());
+        for entry in config["methodConfig"].as_array().expect("methodConfig") {
+            assert!(entry.get("hedgingPolicy").is_none(), "no hedging: {entry}");
+            assert_eq!(
+                entry["retryPolicy"]["retryableStatusCodes"],
+                serde_json::json!(["UNAVAILABLE"])
+            );
+        }
+        // Every retry of a refresh lands within the reuse grace window (10 s by default).
+        let refresh = method_config(&config, "refsys.auth.v1.AuthService", "RefreshTokens")
+            .expect("RefreshTokens is retried");
+        assert!(seconds(&refresh["timeout"]) < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn only_the_transports_own_cancellation_counts_as_never_sent() {
+        // A CANCELLED from the server (or any status without hyper's canceled error as its
+        // source) may have been processed: it is not retried transparently.
+        assert!(!never_sent(&tonic::Status::cancelled(
+            "operation was canceled"
+        )));
+        assert!(!never_sent(&tonic::Status::unavailable(
+            "connection refused"
+        )));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_full_jitter() {
+        let policy = RetryPolicy::PUBLISHED;
+        let ceilings: Vec<Duration> = (1..=6).map(|r| policy.backoff_ceiling(r)).collect();
+        assert_eq!(
+            ceilings,
+            [100, 200, 400, 800, 1000, 1000].map(Duration::from_millis)
+        );
+        assert_eq!(policy.backoff_ceiling(u32::MAX), Duration::from_secs(1));
+        for retry in 1..=3 {
+            for _ in 0..100 {
+                assert!(policy.backoff(retry) <= policy.backoff_ceiling(retry));
+            }
+        }
+        // All retries of one call fit well within the shortest deadline worth retrying in.
+        let total: Duration = (1..policy.max_attempts)
+            .map(|r| policy.backoff_ceiling(r))
+            .sum();
+        assert_eq!(total, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn the_throttle_stops_retries_while_most_calls_fail_and_recovers_with_successes() {
+        let throttle = RetryThrottle::new(10, 0.5);
+        for _ in 0..4 {
+            throttle.on_failure();
+            assert!(throttle.allows_retry());
+        }
+        throttle.on_failure();
+        assert!(
+            !throttle.allows_retry(),
+            "5 of 10 tokens left: at the threshold"
+        );
+        throttle.on_success();
+        assert!(throttle.allows_retry(), "5.5 tokens");
+        for _ in 0..100 {
+            throttle.on_failure();
+        }
+        assert!(!throttle.allows_retry());
+        for _ in 0..100 {
+            throttle.on_success();
+        }
+        assert!(throttle.allows_retry(), "back to the cap");
+        throttle.on_failure();
+        throttle.on_failure();
+        throttle.on_failure();
+        throttle.on_failure();
+        assert!(throttle.allows_retry(), "the cap is 10 tokens, not more");
+        throttle.on_failure();
+        assert!(!throttle.allows_retry());
     }
 }

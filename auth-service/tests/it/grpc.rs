@@ -42,7 +42,24 @@ struct StubDirectory {
     refuse_number: AtomicBool,
     /// Milliseconds to wait before answering.
     delay_ms: AtomicU64,
+    /// Answer this many of the next calls (any RPC) with UNAVAILABLE, then serve again: a
+    /// replica going away, a blip of referral's database.
+    fail_next: AtomicUsize,
+    /// EnsureUser calls.
     calls: AtomicUsize,
+    /// LookupUser calls.
+    lookups: AtomicUsize,
+}
+
+impl StubDirectory {
+    /// Whether this call fails as UNAVAILABLE: the directory is down, or a failure is due.
+    fn failing(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+            || self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+    }
 }
 
 #[tonic::async_trait]
@@ -51,7 +68,8 @@ impl UserDirectory for StubDirectory {
         &self,
         request: Request<refsys_proto::referral::v1::LookupUserRequest>,
     ) -> Result<Response<refsys_proto::referral::v1::LookupUserResponse>, Status> {
-        if self.down.load(Ordering::SeqCst) {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        if self.failing() {
             return Err(Status::unavailable("database down"));
         }
         Ok(Response::new(
@@ -66,7 +84,7 @@ impl UserDirectory for StubDirectory {
         &self,
         _request: Request<refsys_proto::referral::v1::DeleteUserRequest>,
     ) -> Result<Response<refsys_proto::referral::v1::DeleteUserResponse>, Status> {
-        if self.down.load(Ordering::SeqCst) {
+        if self.failing() {
             return Err(Status::unavailable("database down"));
         }
         Ok(Response::new(
@@ -91,7 +109,7 @@ impl UserDirectory for StubDirectory {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        if self.down.load(Ordering::SeqCst) {
+        if self.failing() {
             return Err(Status::unavailable("database down"));
         }
         if self.refuse_number.load(Ordering::SeqCst) {
@@ -513,7 +531,66 @@ async fn referral_outage_leaves_the_code_usable_for_one_retry() {
         h.verify("+79601233017", &code).await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    assert_eq!(h.directory.calls.load(Ordering::SeqCst), 3);
+    // Each verification during the outage tried the published maximum of 4 attempts.
+    assert_eq!(h.directory.calls.load(Ordering::SeqCst), 2 * 4 + 1);
+}
+
+#[tokio::test]
+async fn a_single_unavailable_from_referral_is_retried_and_the_caller_never_sees_it() {
+    let mut h = Harness::start(&[]).await;
+    let phone = "+79601233017";
+    h.send(phone).await.unwrap();
+    let code = h.latest_code(phone).await;
+    // EnsureUser: the first attempt fails, the retry signs in.
+    h.directory.fail_next.store(1, Ordering::SeqCst);
+    let signed_in = h.verify(phone, &code).await.unwrap();
+    assert_eq!(h.directory.calls.load(Ordering::SeqCst), 2);
+    // LookupUser at a refresh: the same.
+    h.directory.fail_next.store(1, Ordering::SeqCst);
+    let lookups = h.directory.lookups.load(Ordering::SeqCst);
+    h.refresh(&signed_in.refresh_token).await.unwrap();
+    assert_eq!(h.directory.lookups.load(Ordering::SeqCst), lookups + 2);
+    // Three failures in a row are still within the 4 attempts.
+    h.directory.fail_next.store(3, Ordering::SeqCst);
+    h.send("+79601233018").await.unwrap();
+    let code = h.latest_code("+79601233018").await;
+    h.verify("+79601233018", &code).await.unwrap();
+    assert_eq!(h.directory.calls.load(Ordering::SeqCst), 2 + 4);
+    // Other refusals are answers, not retried (INVALID_ARGUMENT, in its own test, too).
+    assert_eq!(h.directory.fail_next.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_persistent_unavailable_from_referral_ends_as_unavailable_within_the_deadline() {
+    let mut h = Harness::start(&[]).await;
+    let phone = "+79601233017";
+    h.send(phone).await.unwrap();
+    let code = h.latest_code(phone).await;
+    h.directory.down.store(true, Ordering::SeqCst);
+    for deadline in [Duration::from_secs(1), Duration::from_millis(300)] {
+        let before = h.directory.calls.load(Ordering::SeqCst);
+        let mut request = Request::new(VerifyCodeRequest {
+            phone_number: phone.to_owned(),
+            code: code.clone(),
+            invite_code: None,
+        });
+        request.set_timeout(deadline);
+        let started = Instant::now();
+        let status = h.client.verify_code(request).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(status.code(), Code::Unavailable, "{deadline:?}: {status:?}");
+        assert!(took < deadline, "{deadline:?}: answered after {took:?}");
+        let attempts = h.directory.calls.load(Ordering::SeqCst) - before;
+        if deadline == Duration::from_secs(1) {
+            // The backoffs (at most 0.1 + 0.2 + 0.4 s) fit in a second: every attempt ran.
+            assert_eq!(attempts, 4, "{deadline:?}");
+        } else {
+            assert!((1..=4).contains(&attempts), "{deadline:?}: {attempts}");
+        }
+    }
+    // The code was released after each failure: it still signs in once the directory is back.
+    h.directory.down.store(false, Ordering::SeqCst);
+    h.verify(phone, &code).await.unwrap();
 }
 
 /// Everything any test in this binary logs from now on.
