@@ -10,5 +10,6 @@ mod journey;
 mod keys;
 mod observability;
 mod platform;
+mod replicas;
 mod service_clients;
 mod sessions;

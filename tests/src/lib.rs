@@ -6,11 +6,13 @@ pub mod cluster;
 pub mod process;
 pub mod proxy;
 pub mod raw;
+pub mod replicas;
 pub mod sms;
 pub mod stack;
 pub mod stores;
 
 pub use process::ServiceProcess;
+pub use replicas::{ReplicaOptions, Replicas};
 pub use sms::SmsCapture;
 pub use stack::{Stack, StackOptions};
 pub use stores::{PrivateRedis, TestDatabase};
