@@ -314,8 +314,13 @@ async fn the_stream_needs_its_scope_and_refuses_a_cursor_past_the_retention() {
 
 #[tokio::test]
 async fn the_stream_sees_each_change_once_while_sign_ups_commit_concurrently() {
-    // Forty sign-ups from one test client: room for them under the per-client send budget.
-    let platform = Platform::start_with(&[("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "100")]).await;
+    // Forty sign-ups from one test client: room for them under its send budget, and under its
+    // failure cap, which reserves a slot for every verification in flight.
+    let platform = Platform::start_with(&[
+        ("OTP_MAX_SENDS_PER_CLIENT_PER_HOUR", "100"),
+        ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "100"),
+    ])
+    .await;
     let inviter = platform.stack.sign_in("+79601233200", None).await;
     let code = platform
         .stack
