@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e_tests::cluster::RedisCluster;
+use e2e_tests::process::run_to_exit;
 use e2e_tests::{Stack, StackOptions};
 use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
 use refsys_proto::auth::v1::{RefreshTokensRequest, SendCodeRequest, VerifyCodeRequest};
@@ -145,6 +146,36 @@ async fn on_a_cluster_keys_spread_over_the_primaries() {
         .await
         .unwrap();
     assert!(!keys.is_empty(), "no key of {phone} on its primary {owner}");
+}
+
+/// Start-up errors end up in log collectors: no seed's password may be in them.
+#[tokio::test]
+async fn bad_cluster_seeds_exit_2_with_one_line_and_no_password() {
+    for (value, why) in [
+        (
+            "redis://:s3cret@10.0.0.1:6379,redis://:s3cret@10.0.0.2:notaport",
+            "10.0.0.2:notaport",
+        ),
+        (
+            "redis://:s3cret@10.0.0.1:6379,rediss://:s3cret@10.0.0.2:6379",
+            "same scheme",
+        ),
+        ("redis://u:s3cret@10.0.0.1:6379/3", "database 0"),
+    ] {
+        let (status, output) =
+            run_to_exit("auth-service", &[("REDIS_CLUSTER_URLS", value)], &[]).await;
+        assert_eq!(status.code(), Some(2), "{value}: {output}");
+        let lines: Vec<_> = output
+            .lines()
+            .filter(|line| line.contains("REDIS_CLUSTER_URLS"))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line names the setting: {output}");
+        assert!(lines[0].contains(why), "{value}: {output}");
+        assert!(
+            !output.contains("s3cret"),
+            "the password is shown: {output}"
+        );
+    }
 }
 
 /// What one call answered.
