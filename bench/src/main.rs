@@ -7,7 +7,13 @@
 //! limits: see [`abuse`]. Its report has a section of its own in the file, so running it alone
 //! leaves the other scenarios' table as it was, and the other way round.
 //!
-//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale,abuse]
+//! `cluster` (not in the default set either) runs signin and refresh on a stack whose
+//! auth-service uses a Redis Cluster (3 primaries, 3 replicas, `REDIS_CLUSTER_URLS`), next to
+//! the same scenarios on the single-node Redis in the same run (taken from the regular table
+//! when it ran them, otherwise on a single-node stack of their own). Its rows also get a section
+//! of their own.
+//!
+//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale,abuse,cluster]
 //!                [--service-env KEY=VALUE ...] [--write FILE]
 
 mod abuse;
@@ -18,6 +24,7 @@ mod stats;
 
 use std::time::{Duration, Instant};
 
+use e2e_tests::cluster::RedisCluster;
 use e2e_tests::{Stack, StackOptions};
 
 pub struct Options {
@@ -91,10 +98,14 @@ fn machine_description() -> String {
     )
 }
 
-/// Every scenario `--scenarios` accepts; all but `abuse` run on one stack with the limits lifted.
-const SCENARIOS: [&str; 7] = [
-    "signin", "profile", "activate", "refresh", "mixed", "scale", "abuse",
+/// Every scenario `--scenarios` accepts; all but `abuse` and `cluster` run on one stack with
+/// the limits lifted.
+const SCENARIOS: [&str; 8] = [
+    "signin", "profile", "activate", "refresh", "mixed", "scale", "abuse", "cluster",
 ];
+
+/// The scenarios `cluster` compares, single node against cluster.
+const COMPARED: [&str; 2] = ["signin", "refresh"];
 
 #[tokio::main]
 async fn main() {
@@ -123,11 +134,17 @@ async fn main() {
         .scenarios
         .iter()
         .map(String::as_str)
-        .filter(|s| *s != "abuse")
+        .filter(|s| *s != "abuse" && *s != "cluster")
         .collect();
+    let mut single_node = Vec::new();
     if !regular.is_empty() {
-        let results = run_regular(&options, &regular, &extra).await;
+        let (results, compared) = run_regular(&options, &regular, &extra).await;
+        single_node = compared;
         write_or_exit(&options, RESULTS_START, RESULTS_END, &results);
+    }
+    if options.scenarios.iter().any(|s| s == "cluster") {
+        let section = run_cluster(&options, &extra, single_node).await;
+        write_or_exit(&options, CLUSTER_START, CLUSTER_END, &section);
     }
     if options.scenarios.iter().any(|s| s == "abuse") {
         println!("\nabuse (production limits, a stack of its own):\n");
@@ -149,16 +166,14 @@ async fn main() {
     }
 }
 
-/// The throughput scenarios on one stack; returns the report for the results section.
-async fn run_regular(
-    options: &Options,
-    scenarios: &[&str],
+/// The settings of a throughput stack (every limit lifted, see below) whose SMS go to
+/// `capture_url`; `redis` is auth-service's Redis setting when it is not the stack's own node.
+fn throughput_options(
+    capture_url: String,
     extra: &[(&'static str, String)],
-) -> String {
-    let capture = capture::CodeCapture::default();
-    let capture_url = capture.start().await;
-    let started = Instant::now();
-    let stack = Stack::start_with(StackOptions {
+    redis: Option<(&'static str, String)>,
+) -> StackOptions {
+    StackOptions {
         auth_env: [
             ("TWILIO_API_BASE", capture_url),
             ("RUST_LOG", "warn".into()),
@@ -177,6 +192,7 @@ async fn run_regular(
             ("OTP_RESEND_COOLDOWN_SECONDS", "1".into()),
         ]
         .into_iter()
+        .chain(redis)
         .chain(extra.iter().cloned())
         .collect(),
         referral_env: [
@@ -187,8 +203,29 @@ async fn run_regular(
         .chain(extra.iter().cloned())
         .collect(),
         ..StackOptions::default()
-    })
-    .await;
+    }
+}
+
+/// Peak RSS of both services into `summary`, which is printed; returns its row.
+fn finish_row(summary: &mut stats::Summary, stack: &Stack) -> String {
+    summary.auth_rss_mb = stats::rss_mb(stack.auth.pid()).1;
+    summary.referral_rss_mb = stats::rss_mb(stack.referral.pid()).1;
+    let row = summary.row();
+    println!("{row}");
+    row
+}
+
+/// The throughput scenarios on one stack; returns the report for the results section and the
+/// rows of the [`COMPARED`] scenarios it ran, labelled for the cluster section.
+async fn run_regular(
+    options: &Options,
+    scenarios: &[&str],
+    extra: &[(&'static str, String)],
+) -> (String, Vec<(&'static str, String)>) {
+    let capture = capture::CodeCapture::default();
+    let capture_url = capture.start().await;
+    let started = Instant::now();
+    let stack = Stack::start_with(throughput_options(capture_url, extra, None)).await;
     let stack_start = started.elapsed();
     let (auth_idle, _) = stats::rss_mb(stack.auth.pid());
     let (referral_idle, _) = stats::rss_mb(stack.referral.pid());
@@ -197,6 +234,7 @@ async fn run_regular(
     let duration = Duration::from_secs(options.seconds);
     let mut report = vec![stats::Summary::header().to_owned()];
     let mut notes = Vec::new();
+    let mut compared = Vec::new();
     println!("{}", stats::Summary::header());
     for scenario in scenarios {
         let summaries = match *scenario {
@@ -217,10 +255,11 @@ async fn run_regular(
             other => unreachable!("scenario {other} was checked"),
         };
         for mut summary in summaries {
-            summary.auth_rss_mb = stats::rss_mb(stack.auth.pid()).1;
-            summary.referral_rss_mb = stats::rss_mb(stack.referral.pid()).1;
-            println!("{}", summary.row());
-            report.push(summary.row());
+            report.push(finish_row(&mut summary, &stack));
+            if let Some(name) = COMPARED.iter().find(|name| *name == scenario) {
+                summary.name = format!("single node: {}", summary.name);
+                compared.push((*name, summary.row()));
+            }
         }
     }
 
@@ -243,7 +282,7 @@ async fn run_regular(
         notes.join("\n")
     );
     println!("{summary}");
-    format!(
+    let report = format!(
         "Measured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`) on {}.\n\n\
          Machine: {}.\n\n{}\n{}",
         options.seconds,
@@ -252,6 +291,101 @@ async fn run_regular(
         machine_description(),
         report.join("\n"),
         summary
+    );
+    (report, compared)
+}
+
+/// `scenarios` (of [`COMPARED`]) on a throughput stack of their own, on `cluster` when given,
+/// else on the stack's single Redis node; rows labelled `label: …`.
+async fn run_compared(
+    options: &Options,
+    scenarios: &[&'static str],
+    extra: &[(&'static str, String)],
+    cluster: Option<&RedisCluster>,
+    label: &str,
+) -> Vec<(&'static str, String)> {
+    let capture = capture::CodeCapture::default();
+    let capture_url = capture.start().await;
+    let stack = Stack::start_with(throughput_options(
+        capture_url,
+        extra,
+        cluster.map(RedisCluster::env),
+    ))
+    .await;
+    let bench = scenarios::Bench::new(&stack, capture, options.concurrency).await;
+    let duration = Duration::from_secs(options.seconds);
+    let mut rows = Vec::new();
+    for &scenario in scenarios {
+        let mut summary = match scenario {
+            "signin" => bench.signin(duration).await,
+            "refresh" => bench.refresh(duration).await,
+            other => unreachable!("{other} is not compared"),
+        };
+        summary.name = format!("{label}: {}", summary.name);
+        rows.push((scenario, finish_row(&mut summary, &stack)));
+    }
+    rows
+}
+
+/// signin and refresh on a Redis Cluster next to the single node (`single_node`: the rows the
+/// regular run measured; the others are measured here first); returns the cluster section.
+async fn run_cluster(
+    options: &Options,
+    extra: &[(&'static str, String)],
+    mut single_node: Vec<(&'static str, String)>,
+) -> String {
+    println!(
+        "\ncluster (auth-service on a Redis Cluster, 3 primaries + 3 replicas, next to the single node):\n"
+    );
+    println!("{}", stats::Summary::header());
+    let missing: Vec<&'static str> = COMPARED
+        .into_iter()
+        .filter(|name| !single_node.iter().any(|(done, _)| done == name))
+        .collect();
+    for (_, row) in &single_node {
+        println!("{row}");
+    }
+    if !missing.is_empty() {
+        single_node.extend(run_compared(options, &missing, extra, None, "single node").await);
+    }
+    let started = Instant::now();
+    let cluster = RedisCluster::start().await;
+    cluster.wait_ok(3, Duration::from_secs(30)).await;
+    let cluster_start = started.elapsed();
+    let on_cluster = run_compared(options, &COMPARED, extra, Some(&cluster), "cluster").await;
+    let keys = cluster.keys_per_primary().await;
+    drop(cluster);
+
+    let mut table = vec![stats::Summary::header().to_owned()];
+    for name in COMPARED {
+        for (_, row) in single_node
+            .iter()
+            .chain(&on_cluster)
+            .filter(|(scenario, _)| *scenario == name)
+        {
+            table.push(row.clone());
+        }
+    }
+    let keys = keys
+        .iter()
+        .map(|(port, count)| format!("{count} on :{port}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let notes = format!(
+        "Cluster started and healthy in {} ms (6 local `redis-server` nodes, one per port, on the same machine). \
+         Keys per primary afterwards: {keys}.",
+        cluster_start.as_millis()
+    );
+    println!("\n{notes}\n");
+    format!(
+        "Measured by `loadgen --scenarios cluster --seconds {} --concurrency {}` (release build) on {}; \
+         the single-node rows are from the same run.\n\n\
+         Machine: {}.\n\n{}\n\n{notes}\n",
+        options.seconds,
+        options.concurrency,
+        today(),
+        machine_description(),
+        table.join("\n"),
     )
 }
 
@@ -269,6 +403,8 @@ const RESULTS_START: &str = "<!-- loadgen results: start -->";
 const RESULTS_END: &str = "<!-- loadgen results: end -->";
 const ABUSE_START: &str = "<!-- loadgen abuse: start -->";
 const ABUSE_END: &str = "<!-- loadgen abuse: end -->";
+const CLUSTER_START: &str = "<!-- loadgen cluster: start -->";
+const CLUSTER_END: &str = "<!-- loadgen cluster: end -->";
 
 /// `document` with the generated section between `start` and `end` replaced by `content`;
 /// everything outside the markers (the hand-written analysis, other sections) is kept. A
@@ -300,7 +436,7 @@ fn today() -> String {
 mod tests {
     use super::*;
 
-    const DOC: &str = "# Benchmarks\n\nintro\n\n<!-- loadgen results: start -->\nold table\n<!-- loadgen results: end -->\n\nanalysis\n\n## Abuse\n\n<!-- loadgen abuse: start -->\nold abuse\n<!-- loadgen abuse: end -->\n\nabuse analysis\n";
+    const DOC: &str = "# Benchmarks\n\nintro\n\n<!-- loadgen results: start -->\nold table\n<!-- loadgen results: end -->\n\nanalysis\n\n## Abuse\n\n<!-- loadgen abuse: start -->\nold abuse\n<!-- loadgen abuse: end -->\n\nabuse analysis\n\n## Cluster\n\n<!-- loadgen cluster: start -->\nold cluster\n<!-- loadgen cluster: end -->\n\ncluster analysis\n";
 
     #[test]
     fn each_section_is_replaced_alone() {
@@ -308,6 +444,21 @@ mod tests {
         assert_eq!(results, DOC.replace("old table", "new table"));
         let abuse = replace_section(DOC, ABUSE_START, ABUSE_END, "new abuse");
         assert_eq!(abuse, DOC.replace("old abuse", "new abuse"));
+        let cluster = replace_section(DOC, CLUSTER_START, CLUSTER_END, "new cluster");
+        assert_eq!(cluster, DOC.replace("old cluster", "new cluster"));
+    }
+
+    #[test]
+    fn a_missing_cluster_section_is_appended_after_the_others() {
+        let without = DOC.replace(
+            "<!-- loadgen cluster: start -->\nold cluster\n<!-- loadgen cluster: end -->\n",
+            "",
+        );
+        let written = replace_section(&without, CLUSTER_START, CLUSTER_END, "cluster");
+        assert!(written.starts_with(without.trim_end()));
+        assert!(written.ends_with(
+            "<!-- loadgen cluster: start -->\ncluster\n<!-- loadgen cluster: end -->\n"
+        ));
     }
 
     #[test]
