@@ -35,7 +35,8 @@ use crate::error::{AuthError, Dependency};
 use crate::phone::PhoneNumber;
 use crate::tokens::TokenIssuer;
 
-/// Service tokens live just long enough for one call.
+/// Service tokens live a minute; each is reused for calls of its scope during the first half
+/// of its life ([`TokenCache`]), so a call never carries one that expires within 30 s.
 const SERVICE_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// The longest a directory call may take, retries included, when the caller set no deadline
 /// (or a longer one).
@@ -149,10 +150,44 @@ pub struct EnsuredUser {
     pub invite_code_outcome: InviteCodeOutcome,
 }
 
+/// The `authorization` value of each scope and when to mint a new one. Signing a token per
+/// call cost an Ed25519 signature here and a verification in referral-service (whose cache of
+/// verified tokens a fresh token always misses) on every sign-in and refresh.
+#[derive(Default)]
+struct TokenCache {
+    by_scope: std::sync::Mutex<Vec<(&'static str, Authorization, Instant)>>,
+}
+
+type Authorization = MetadataValue<tonic::metadata::Ascii>;
+
+impl TokenCache {
+    fn get_or_mint(
+        &self,
+        scope: &'static str,
+        now: Instant,
+        mint: impl FnOnce() -> Result<Authorization, AuthError>,
+    ) -> Result<Authorization, AuthError> {
+        let mut cached = self
+            .by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, value, renew_at)) = cached.iter().find(|(s, ..)| *s == scope)
+            && now < *renew_at
+        {
+            return Ok(value.clone());
+        }
+        let value = mint()?;
+        cached.retain(|(s, ..)| *s != scope);
+        cached.push((scope, value.clone(), now + SERVICE_TOKEN_TTL / 2));
+        Ok(value)
+    }
+}
+
 #[derive(Clone)]
 pub struct Directory {
     client: UserDirectoryClient<Channel>,
     issuer: Arc<TokenIssuer>,
+    tokens: Arc<TokenCache>,
     policy: RetryPolicy,
     /// One per channel (all clones share it), like gRPC's per-target throttle.
     throttle: Arc<RetryThrottle>,
@@ -171,6 +206,7 @@ impl Directory {
         Ok(Self {
             client: UserDirectoryClient::new(channel),
             issuer,
+            tokens: Arc::default(),
             policy: RetryPolicy::PUBLISHED,
             throttle: Arc::new(RetryThrottle::published()),
         })
@@ -178,16 +214,15 @@ impl Directory {
 
     /// `authorization: Bearer <service token for scope>`; one token serves every attempt of a
     /// call (it outlives any deadline here).
-    fn authorization(
-        &self,
-        scope: &str,
-    ) -> Result<MetadataValue<tonic::metadata::Ascii>, AuthError> {
-        let token =
-            self.issuer
-                .service_token(REFERRAL_SERVICE_AUDIENCE, scope, SERVICE_TOKEN_TTL)?;
-        format!("Bearer {token}")
-            .parse()
-            .map_err(|_| AuthError::internal("service token is not valid metadata"))
+    fn authorization(&self, scope: &'static str) -> Result<Authorization, AuthError> {
+        self.tokens.get_or_mint(scope, Instant::now(), || {
+            let token =
+                self.issuer
+                    .service_token(REFERRAL_SERVICE_AUDIENCE, scope, SERVICE_TOKEN_TTL)?;
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| AuthError::internal("service token is not valid metadata"))
+        })
     }
 
     /// One attempt's request: the service token, the trace context and `timeout`.
@@ -393,6 +428,44 @@ fn call_failed(rpc: &str, status: &tonic::Status) -> AuthError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_token_is_reused_for_half_its_life_per_scope() {
+        let cache = TokenCache::default();
+        let minted = std::cell::Cell::new(0);
+        let mint = || {
+            minted.set(minted.get() + 1);
+            Ok(format!("Bearer t{}", minted.get()).parse().unwrap())
+        };
+        let t0 = Instant::now();
+        let first = cache.get_or_mint(LOOKUP_USER_SCOPE, t0, mint).unwrap();
+        let half = SERVICE_TOKEN_TTL / 2;
+        let again = cache
+            .get_or_mint(
+                LOOKUP_USER_SCOPE,
+                t0 + half - Duration::from_millis(1),
+                mint,
+            )
+            .unwrap();
+        assert_eq!((first.clone(), minted.get()), (again, 1));
+        let other = cache.get_or_mint(ENSURE_USER_SCOPE, t0, mint).unwrap();
+        assert_ne!(other, first, "each scope has its own token");
+        let renewed = cache
+            .get_or_mint(LOOKUP_USER_SCOPE, t0 + half, mint)
+            .unwrap();
+        assert_ne!(renewed, first);
+        assert_eq!(minted.get(), 3);
+        let failing =
+            cache.get_or_mint(DELETE_USER_SCOPE, t0, || Err(AuthError::internal("no key")));
+        assert!(
+            failing.is_err(),
+            "a failure to mint is the caller's answer, not cached"
+        );
+        assert_eq!(
+            cache.get_or_mint(DELETE_USER_SCOPE, t0, mint).unwrap(),
+            "Bearer t4"
+        );
+    }
 
     /// The client config every refsys caller is told to use.
     const PUBLISHED: &str = include_str!("../../deploy/grpc-service-config.json");

@@ -774,3 +774,58 @@ impl AuthService for AuthHandler {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::error::{Limit, Rejection};
+    use crate::policy::PolicyRefusal;
+
+    fn limited(limit: Limit) -> AuthError {
+        AuthError::RateLimited {
+            limit,
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    /// The labels these refusals are counted under are exactly the ones `metrics::register`
+    /// shows as 0 at start.
+    #[test]
+    fn refusal_labels_are_the_ones_shown_at_start() {
+        let outcomes: BTreeSet<&str> = [
+            Ok(pb::VerifyCodeResponse::default()),
+            Err(AuthError::CodeRejected(Rejection::NoCode)),
+            Err(AuthError::CodeRejected(Rejection::Wrong)),
+            Err(AuthError::CodeRejected(Rejection::Busy)),
+            Err(limited(Limit::PhoneDailyFailures)),
+            Err(AuthError::invalid("code", "not digits")),
+            Err(AuthError::NotAllowed(PolicyRefusal::RegionNotAllowed)),
+            Err(AuthError::unavailable(Dependency::Redis, "down")),
+            Err(AuthError::internal("bug")),
+        ]
+        .iter()
+        .map(verification_label)
+        .collect();
+        assert_eq!(outcomes, BTreeSet::from(metrics::VERIFICATION_OUTCOMES));
+
+        let reasons: BTreeSet<String> = [
+            AuthError::invalid("client_id", "empty"),
+            AuthError::Unauthenticated("wrong secret"),
+            AuthError::PermissionDenied("scope"),
+            limited(Limit::ServiceTokenIssues),
+            limited(Limit::ServiceTokenFailures),
+            AuthError::unavailable(Dependency::Redis, "down"),
+            AuthError::internal("bug"),
+        ]
+        .iter()
+        .map(service_token_refusal)
+        .collect();
+        let registered: BTreeSet<String> = metrics::SERVICE_TOKEN_REFUSAL_REASONS
+            .iter()
+            .map(|reason| (*reason).to_owned())
+            .collect();
+        assert_eq!(reasons, registered);
+    }
+}

@@ -62,7 +62,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    metrics::register();
+    metrics::register(config.fraud.mode, &config.service_clients.ids());
     let pepper = config.load_pepper()?;
     let (signing, previous) = tokens::load_keys(
         config.jwt_signing_key_file.as_deref(),
@@ -115,12 +115,6 @@ pub async fn serve(
         tracing::info!("no service clients (SERVICE_CLIENTS_FILE): IssueServiceToken accepts none");
     } else {
         tracing::info!(clients = ?config.service_clients.ids(), "service clients");
-    }
-    for id in config.service_clients.ids() {
-        // Each configured client shows (as 0) before its first token.
-        metrics::SERVICE_TOKENS_ISSUED
-            .with_label_values(&[id])
-            .inc_by(0);
     }
     let sms: Arc<dyn SmsSender> = match &config.sms {
         SmsProvider::Log => {

@@ -2,7 +2,14 @@
 
 use std::sync::LazyLock;
 
-use service_kit::metrics::{IntCounter, LabelledCounter, counter, counter_vec};
+use service_kit::metrics::{
+    IntCounter, IntGaugeVec, LabelledCounter, counter, counter_vec, gauge_vec,
+};
+
+use crate::error::Limit;
+use crate::policy::PolicyRefusal;
+use crate::service_clients::UNKNOWN_CLIENT_LABEL;
+use crate::store::fraud::FraudMode;
 
 pub static CODES_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
@@ -16,6 +23,17 @@ pub static SMS_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
         "Sign-in codes the SMS provider did not take.",
     )
 });
+/// The `outcome` labels of [`VERIFICATIONS`] (`grpc::verification_label` picks one).
+pub const VERIFICATION_OUTCOMES: [&str; 8] = [
+    "success",
+    "wrong",
+    "expired",
+    "busy",
+    "locked",
+    "invalid",
+    "unavailable",
+    "error",
+];
 pub static VERIFICATIONS: LazyLock<LabelledCounter> = LazyLock::new(|| {
     counter_vec(
         "refsys_otp_verifications_total",
@@ -105,6 +123,16 @@ pub static SERVICE_TOKENS_ISSUED: LazyLock<LabelledCounter> = LazyLock::new(|| {
         &["client"],
     )
 });
+/// The `reason` labels of [`SERVICE_TOKEN_REFUSALS`] (`grpc::service_token_refusal` picks one).
+pub const SERVICE_TOKEN_REFUSAL_REASONS: [&str; 7] = [
+    "invalid_argument",
+    "unauthenticated",
+    "permission_denied",
+    "service_token_rate_limit",
+    "service_token_failure_limit",
+    "unavailable",
+    "error",
+];
 pub static SERVICE_TOKEN_REFUSALS: LazyLock<LabelledCounter> = LazyLock::new(|| {
     counter_vec(
         "refsys_service_token_refusals_total",
@@ -115,8 +143,56 @@ pub static SERVICE_TOKEN_REFUSALS: LazyLock<LabelledCounter> = LazyLock::new(|| 
     )
 });
 
-/// Registers every counter, so each shows (as 0) before its first event.
-pub fn register() {
+pub static FRAUD_GUARD_MODE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "refsys_sms_fraud_guard_mode",
+        "SMS_FRAUD_GUARD of this process: 1 for its mode (off, monitor, enforce), 0 for the others.",
+        &["mode"],
+    )
+});
+
+/// Kinds of [`REDIS_ERRORS`]: a [`crate::store::StoreError`] variant in lower case.
+pub const REDIS_ERROR_KINDS: [&str; 2] = ["unavailable", "corrupt"];
+pub static REDIS_ERRORS: LazyLock<LabelledCounter> = LazyLock::new(|| {
+    counter_vec(
+        "refsys_redis_errors_total",
+        "Redis calls that failed, by kind: unavailable (refused, dropped or not answered in \
+         time; the caller hears UNAVAILABLE) or corrupt (a reply only a bug explains: INTERNAL).",
+        &["kind"],
+    )
+});
+
+/// Registers every metric and shows each label value known at start as 0 before its first
+/// event: a series that appears with its first event starts at 1, which `rate()` and
+/// `increase()` cannot see, and leaves dashboards and alerts on it with no data until then.
+/// Regions are not known in advance: the per-region counters appear with each region's first
+/// send. `service_clients` are the configured client ids.
+pub fn register(fraud_mode: FraudMode, service_clients: &[&str]) {
+    for limit in Limit::ALL {
+        LIMIT_REFUSALS.with_label_values(&[&limit.label()]);
+    }
+    for refusal in PolicyRefusal::ALL {
+        POLICY_REFUSALS.with_label_values(&[refusal.reason()]);
+    }
+    for outcome in VERIFICATION_OUTCOMES {
+        VERIFICATIONS.with_label_values(&[outcome]);
+    }
+    for client in service_clients {
+        SERVICE_TOKENS_ISSUED.with_label_values(&[client]);
+    }
+    for client in service_clients.iter().chain([&UNKNOWN_CLIENT_LABEL]) {
+        for reason in SERVICE_TOKEN_REFUSAL_REASONS {
+            SERVICE_TOKEN_REFUSALS.with_label_values(&[client, reason]);
+        }
+    }
+    for mode in [FraudMode::Off, FraudMode::Monitor, FraudMode::Enforce] {
+        FRAUD_GUARD_MODE
+            .with_label_values(&[mode.as_str()])
+            .set(i64::from(mode == fraud_mode));
+    }
+    for kind in REDIS_ERROR_KINDS {
+        REDIS_ERRORS.with_label_values(&[kind]);
+    }
     LazyLock::force(&CODES_SENT);
     LazyLock::force(&SMS_FAILURES);
     LazyLock::force(&VERIFICATIONS);
@@ -133,4 +209,62 @@ pub fn register() {
     LazyLock::force(&ACCOUNTS_DELETED);
     LazyLock::force(&SERVICE_TOKENS_ISSUED);
     LazyLock::force(&SERVICE_TOKEN_REFUSALS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series `series` (name and labels exactly as rendered).
+    fn value(rendered: &str, series: &str) -> Option<String> {
+        rendered
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn every_known_label_value_shows_before_its_first_event() {
+        register(FraudMode::Enforce, &["shop"]);
+        let rendered = service_kit::metrics::render();
+        let shows = |series: String| {
+            assert!(
+                value(&rendered, &series).is_some(),
+                "{series} missing in\n{rendered}"
+            );
+        };
+        for limit in Limit::ALL {
+            shows(format!(
+                "refsys_otp_limit_refusals_total{{limit=\"{}\"}}",
+                limit.label()
+            ));
+        }
+        shows(r#"refsys_sms_policy_refusals_total{reason="REGION_NOT_ALLOWED"}"#.into());
+        shows(r#"refsys_sms_policy_refusals_total{reason="NUMBER_TYPE_NOT_ALLOWED"}"#.into());
+        for outcome in VERIFICATION_OUTCOMES {
+            shows(format!(
+                "refsys_otp_verifications_total{{outcome=\"{outcome}\"}}"
+            ));
+        }
+        shows(r#"refsys_service_tokens_issued_total{client="shop"}"#.into());
+        for client in ["shop", UNKNOWN_CLIENT_LABEL] {
+            for reason in SERVICE_TOKEN_REFUSAL_REASONS {
+                shows(format!(
+                    "refsys_service_token_refusals_total{{client=\"{client}\",reason=\"{reason}\"}}"
+                ));
+            }
+        }
+        for kind in REDIS_ERROR_KINDS {
+            shows(format!("refsys_redis_errors_total{{kind=\"{kind}\"}}"));
+        }
+        let mode = |mode: &str| {
+            value(
+                &rendered,
+                &format!("refsys_sms_fraud_guard_mode{{mode=\"{mode}\"}}"),
+            )
+        };
+        assert_eq!(mode("enforce").as_deref(), Some("1"));
+        assert_eq!(mode("monitor").as_deref(), Some("0"));
+        assert_eq!(mode("off").as_deref(), Some("0"));
+    }
 }

@@ -26,6 +26,8 @@ pub enum PolicyRefusal {
 }
 
 impl PolicyRefusal {
+    pub const ALL: [PolicyRefusal; 2] = [Self::RegionNotAllowed, Self::NumberTypeNotAllowed];
+
     /// The `google.rpc.ErrorInfo` reason.
     pub fn reason(self) -> &'static str {
         match self {

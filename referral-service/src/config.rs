@@ -29,7 +29,15 @@ pub struct Config {
     /// `EVENTS_RETENTION_DAYS` (7): events older than this are pruned; a cursor before the
     /// pruned ones is OUT_OF_RANGE.
     pub events_retention: Duration,
+    /// GetProfile's per-replica cache; `None` when `PROFILE_CACHE_TTL_MS` is 0.
+    pub profile_cache: Option<ProfileCacheSettings>,
     pub server: ServerSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfileCacheSettings {
+    pub ttl: Duration,
+    pub capacity: usize,
 }
 
 impl Config {
@@ -73,6 +81,21 @@ impl Config {
             events_retention: Duration::from_secs(
                 settings.get_in_range("EVENTS_RETENTION_DAYS", 7u64, 1..=3650)? * 86_400,
             ),
+            profile_cache: match settings.get_in_range(
+                "PROFILE_CACHE_TTL_MS",
+                1000u64,
+                0..=60_000,
+            )? {
+                0 => None,
+                ttl => Some(ProfileCacheSettings {
+                    ttl: Duration::from_millis(ttl),
+                    capacity: settings.get_in_range(
+                        "PROFILE_CACHE_CAPACITY",
+                        10_000usize,
+                        1..=10_000_000,
+                    )?,
+                }),
+            },
             server: ServerSettings::from_source(settings)?,
         })
     }

@@ -112,6 +112,9 @@ fn is_connection_loss(code: &str) -> bool {
 
 impl From<sqlx::Error> for ReferralError {
     fn from(error: sqlx::Error) -> Self {
+        if matches!(error, sqlx::Error::PoolTimedOut) {
+            crate::storage::POOL_TIMEOUTS.inc();
+        }
         match &error {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed

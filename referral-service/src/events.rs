@@ -19,6 +19,7 @@
 //! Queries here are checked at run time, not by `sqlx::query!`: the table is only touched
 //! through this module and its tests.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -31,11 +32,14 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::error::ReferralError;
+use crate::profile_cache::ProfileCache;
 
 /// The `source` of every event.
 pub const SOURCE: &str = "refsys/referral-service";
 /// The channel `append` notifies and [`Notifier`] listens on.
 const CHANNEL: &str = "refsys_events";
+/// The channel the profile triggers notify, one user id per notification.
+const PROFILES_CHANNEL: &str = "refsys_profiles";
 /// Longest cursor accepted, before decoding.
 const MAX_CURSOR_LEN: usize = 64;
 
@@ -339,21 +343,39 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Listens on `pool`'s database in a background task that reconnects by itself.
-    pub fn spawn(pool: PgPool) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Listens on `pool`'s database in a background task that reconnects by itself; also
+    /// feeds `profiles` the invalidations of `refsys_profiles` (see [`ProfileCache`]).
+    pub fn spawn(
+        pool: PgPool,
+        profiles: Option<Arc<ProfileCache>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, wakes) = watch::channel(0u64);
         let task = tokio::spawn(async move {
+            let set_listening = |listening| {
+                if let Some(profiles) = &profiles {
+                    profiles.set_listening(listening);
+                }
+            };
             loop {
                 match sqlx::postgres::PgListener::connect_with(&pool).await {
                     Ok(mut listener) => {
-                        if let Err(err) = listener.listen(CHANNEL).await {
+                        if let Err(err) = listener.listen_all([CHANNEL, PROFILES_CHANNEL]).await {
                             tracing::warn!(error = %err, "could not LISTEN for events; retrying");
                         } else {
                             // Whatever was missed while not listening is read now.
                             sender.send_modify(|n| *n += 1);
-                            while let Ok(_notification) = listener.recv().await {
-                                sender.send_modify(|n| *n += 1);
+                            set_listening(true);
+                            // `try_recv`, not `recv`: `recv` reconnects by itself and
+                            // silently drops what was notified meanwhile, which the profile
+                            // cache must know about.
+                            while let Ok(Some(notification)) = listener.try_recv().await {
+                                if notification.channel() == PROFILES_CHANNEL {
+                                    invalidate(profiles.as_deref(), notification.payload());
+                                } else {
+                                    sender.send_modify(|n| *n += 1);
+                                }
                             }
+                            set_listening(false);
                             tracing::warn!(
                                 "the event listener's connection was lost; reconnecting"
                             );
@@ -374,6 +396,20 @@ impl Notifier {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.wakes.clone()
+    }
+}
+
+/// A `refsys_profiles` payload is the id of a user whose profile changed (a database trigger
+/// sends it; see the `profile_invalidation` migration).
+fn invalidate(profiles: Option<&ProfileCache>, payload: &str) {
+    let Some(profiles) = profiles else { return };
+    match Uuid::parse_str(payload) {
+        Ok(id) => profiles.invalidate(id, std::time::Instant::now()),
+        Err(_) => {
+            // Not ours to understand, so the cache cannot tell what changed: drop all of it.
+            tracing::warn!("unexpected refsys_profiles payload; dropping the profile cache");
+            profiles.set_listening(true);
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod points;
+pub mod profile_cache;
 pub mod rules;
 pub mod storage;
 
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
 use crate::config::Config;
+use crate::profile_cache::ProfileCache;
 use crate::storage::Repository;
 
 /// How often auth-service's keys are refetched, and the least time between on-demand fetches
@@ -91,14 +93,18 @@ pub fn routes(
     repository: &Repository,
     authenticator: Arc<Authenticator>,
     notifier: &events::Notifier,
+    profiles: Option<Arc<ProfileCache>>,
 ) -> tonic::service::Routes {
     let events = EventServiceServer::new(grpc::EventHandler::new(
         events::Outbox::new(repository.pool().clone()),
         notifier.clone(),
     ))
     .max_decoding_message_size(MAX_DECODE_BYTES);
-    let referral = ReferralServiceServer::new(grpc::ReferralHandler::new(repository.clone()))
-        .max_decoding_message_size(MAX_DECODE_BYTES);
+    let referral = ReferralServiceServer::new(grpc::ReferralHandler::with_profile_cache(
+        repository.clone(),
+        profiles,
+    ))
+    .max_decoding_message_size(MAX_DECODE_BYTES);
     let directory = UserDirectoryServer::new(grpc::DirectoryHandler::new(repository.clone()))
         .max_decoding_message_size(MAX_DECODE_BYTES);
     let admin = AdminServiceServer::new(grpc::AdminHandler::new(repository.clone()))
@@ -171,12 +177,16 @@ pub async fn serve(
         Some(jwks),
     ));
 
-    let (notifier, listener_task) = events::Notifier::spawn(repository.pool().clone());
+    let profiles = config
+        .profile_cache
+        .map(|settings| Arc::new(ProfileCache::new(settings.ttl, settings.capacity)));
+    let (notifier, listener_task) =
+        events::Notifier::spawn(repository.pool().clone(), profiles.clone());
     let pruner = spawn_event_pruning(
         events::Outbox::new(repository.pool().clone()),
         config.events_retention,
     );
-    let routes = routes(&repository, authenticator, &notifier);
+    let routes = routes(&repository, authenticator, &notifier, profiles);
 
     let readiness_repository = repository.clone();
     let app = App {

@@ -58,6 +58,13 @@ pub static POINTS_GRANTED: LazyLock<service_kit::metrics::IntCounter> = LazyLock
         "Points granted by services and admins (the sum of the amounts; replays not counted).",
     )
 });
+/// The `reason` labels of [`POINTS_REFUSALS`] (`grpc::points::move_points` picks one).
+pub const REFUSAL_REASONS: [&str; 4] = [
+    "insufficient_points",
+    "idempotency_key_reused",
+    "invalid_argument",
+    "not_found",
+];
 pub static POINTS_REFUSALS: LazyLock<service_kit::metrics::LabelledCounter> = LazyLock::new(|| {
     service_kit::metrics::counter_vec(
         "refsys_points_refusals_total",
@@ -74,12 +81,17 @@ pub static POINTS_REPLAYS: LazyLock<service_kit::metrics::LabelledCounter> = Laz
     )
 });
 
-/// Registers the points metrics, so they show as 0 before anything moves.
+/// Registers the points metrics, every label value included, so each shows as 0 before
+/// anything moves (a series born at its first event starts at 1, which `rate()` cannot see).
 pub fn register_metrics() {
     LazyLock::force(&POINTS_REDEEMED);
     LazyLock::force(&POINTS_GRANTED);
-    LazyLock::force(&POINTS_REFUSALS);
-    LazyLock::force(&POINTS_REPLAYS);
+    for kind in [PointsKind::Redeem, PointsKind::Grant] {
+        POINTS_REPLAYS.with_label_values(&[kind.as_str()]);
+        for reason in REFUSAL_REASONS {
+            POINTS_REFUSALS.with_label_values(&[kind.as_str(), reason]);
+        }
+    }
 }
 
 /// Which way the points go.
@@ -370,6 +382,37 @@ fn random_shard() -> i16 {
     rand::rng().random_range(0..COUNTER_SHARDS)
 }
 
+/// Adds `amount` (negative for a debit) to a random counter shard of `user`.
+async fn add_points(
+    tx: &mut sqlx::PgConnection,
+    user: UserId,
+    amount: i64,
+) -> Result<(), ReferralError> {
+    sqlx::query!(
+        "INSERT INTO user_counters (user_id, shard, invitees, points)
+         VALUES ($1, $2, 0, $3)
+         ON CONFLICT (user_id, shard) DO UPDATE
+         SET points = user_counters.points + EXCLUDED.points",
+        user.0,
+        random_shard(),
+        amount
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// `user`'s balance as this statement's snapshot sees it.
+async fn balance_in(tx: &mut sqlx::PgConnection, user: UserId) -> Result<i64, ReferralError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT COALESCE(sum(points), 0)::bigint AS "balance!"
+           FROM user_counters WHERE user_id = $1"#,
+        user.0
+    )
+    .fetch_one(tx)
+    .await?)
+}
+
 /// The redemption's statements. Locks the user's row first (see the module docs).
 async fn redeem_in(
     tx: &mut sqlx::PgConnection,
@@ -387,13 +430,7 @@ async fn redeem_in(
     .ok_or(ReferralError::NotFound("user"))?;
     // A statement of its own after the lock: its snapshot includes every debit committed
     // before the lock was granted.
-    let balance = sqlx::query_scalar!(
-        r#"SELECT COALESCE(sum(points), 0)::bigint AS "balance!"
-           FROM user_counters WHERE user_id = $1"#,
-        request.user.0
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let balance = balance_in(tx, request.user).await?;
     if balance < request.points {
         return Err(ReferralError::InsufficientPoints { balance });
     }
@@ -401,17 +438,7 @@ async fn redeem_in(
     let balance = balance - request.points;
     let entry = insert_entry(tx, caller, request, amount).await?;
     announce(tx, caller, request, &entry, balance).await?;
-    sqlx::query!(
-        "INSERT INTO user_counters (user_id, shard, invitees, points)
-         VALUES ($1, $2, 0, $3)
-         ON CONFLICT (user_id, shard) DO UPDATE
-         SET points = user_counters.points + EXCLUDED.points",
-        request.user.0,
-        random_shard(),
-        amount
-    )
-    .execute(&mut *tx)
-    .await?;
+    add_points(tx, request.user, amount).await?;
     Ok(PointsMove {
         entry,
         balance,
@@ -433,25 +460,9 @@ async fn grant_in(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ReferralError::NotFound("user"))?;
-    sqlx::query!(
-        "INSERT INTO user_counters (user_id, shard, invitees, points)
-         VALUES ($1, $2, 0, $3)
-         ON CONFLICT (user_id, shard) DO UPDATE
-         SET points = user_counters.points + EXCLUDED.points",
-        request.user.0,
-        random_shard(),
-        request.points
-    )
-    .execute(&mut *tx)
-    .await?;
+    add_points(tx, request.user, request.points).await?;
     // This transaction's credit and every other committed one.
-    let balance = sqlx::query_scalar!(
-        r#"SELECT COALESCE(sum(points), 0)::bigint AS "balance!"
-           FROM user_counters WHERE user_id = $1"#,
-        request.user.0
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let balance = balance_in(tx, request.user).await?;
     let entry = insert_entry(tx, caller, request, request.points).await?;
     announce(tx, caller, request, &entry, balance).await?;
     Ok(PointsMove {
@@ -536,6 +547,27 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    #[test]
+    fn every_refusal_and_replay_shows_before_the_first() {
+        register_metrics();
+        let rendered = service_kit::metrics::render();
+        for kind in ["redeem", "grant"] {
+            let series = format!("refsys_points_replays_total{{kind=\"{kind}\"}} ");
+            assert!(
+                rendered.contains(&series),
+                "{series} missing in\n{rendered}"
+            );
+            for reason in REFUSAL_REASONS {
+                let series =
+                    format!("refsys_points_refusals_total{{kind=\"{kind}\",reason=\"{reason}\"}} ");
+                assert!(
+                    rendered.contains(&series),
+                    "{series} missing in\n{rendered}"
+                );
+            }
+        }
+    }
 
     fn parse(points: i64, key: &str, reason: &str) -> Result<PointsRequest, ReferralError> {
         PointsRequest::parse(

@@ -21,35 +21,38 @@ pub fn registry() -> &'static Registry {
     &REGISTRY
 }
 
-/// A counter with labels, registered once under `name`. Registering the same name twice (a
-/// programming error) yields an unregistered counter rather than a crash.
-pub fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let counter = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
-    if let Err(err) = registry().register(Box::new(counter.clone())) {
+/// `metric` (named `name`; `Err` when the name or labels are invalid, a programming error),
+/// registered in [`registry`]. Registering the same name twice (also a programming error)
+/// yields an unregistered metric rather than a crash.
+fn registered<M>(name: &str, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
+    if let Err(err) = registry().register(Box::new(metric.clone())) {
         tracing::error!(metric = name, %err, "metric registered twice");
     }
-    counter
+    metric
+}
+
+/// A counter with labels, registered once under `name`.
+pub fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(name, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 /// A counter without labels, registered once under `name` (shown as 0 until it counts).
 pub fn counter(name: &str, help: &str) -> prometheus::IntCounter {
-    let counter = prometheus::IntCounter::new(name, help)
-        .unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
-    if let Err(err) = registry().register(Box::new(counter.clone())) {
-        tracing::error!(metric = name, %err, "metric registered twice");
-    }
-    counter
+    registered(name, prometheus::IntCounter::new(name, help))
 }
 
 /// A gauge with labels, registered once under `name`.
 pub fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let gauge = IntGaugeVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|err| panic!("invalid metric {name}: {err}"));
-    if let Err(err) = registry().register(Box::new(gauge.clone())) {
-        tracing::error!(metric = name, %err, "metric registered twice");
-    }
-    gauge
+    registered(name, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// A gauge without labels, registered once under `name`.
+pub fn gauge(name: &str, help: &str) -> prometheus::IntGauge {
+    registered(name, prometheus::IntGauge::new(name, help))
 }
 
 /// The metrics every gRPC call updates, labelled by service, method and status code.

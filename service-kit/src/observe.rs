@@ -121,6 +121,24 @@ impl KnownMethods {
     pub fn name_of(&self, path: &str) -> &Arc<RpcName> {
         self.by_path.get(path).unwrap_or(&self.unknown)
     }
+
+    /// Shows the call counter of every known method at 0 for every status code, and every
+    /// service's in-flight gauge at 0, before the first call (as go-grpc-prometheus does). A
+    /// series that appears only with its first event starts at 1, which `rate()` and
+    /// `increase()` cannot see, and leaves dashboards and alerts on that code with no data.
+    pub fn zero_metrics(&self) {
+        let metrics = crate::metrics::rpc();
+        for name in self.by_path.values() {
+            metrics.in_flight.with_label_values(&[&name.service]);
+            for code in (0..=16).map(tonic::Code::from_i32) {
+                metrics.handled.with_label_values(&[
+                    &name.service,
+                    &name.method,
+                    &code_label(code),
+                ]);
+            }
+        }
+    }
 }
 
 /// Observes every call.
@@ -354,6 +372,41 @@ mod tests {
             KnownMethods::from_descriptor_sets(&[b"\xff\xff\xff"], &[]),
             Err(KnownMethodsError::Decode(_))
         ));
+    }
+
+    #[test]
+    fn every_code_of_every_known_method_shows_before_the_first_call() {
+        KnownMethods::of_server(&["refsys.auth.v1.AuthService"])
+            .unwrap()
+            .zero_metrics();
+        let text = crate::metrics::render();
+        // DeleteAccount: a method no test of this crate calls, so every line is still 0.
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                line.starts_with("grpc_server_handled_total{")
+                    && line.contains("grpc_method=\"DeleteAccount\"")
+            })
+            .collect();
+        assert_eq!(lines.len(), 17, "{lines:#?}");
+        for code in [
+            "OK",
+            "Unavailable",
+            "Internal",
+            "ResourceExhausted",
+            "Unauthenticated",
+        ] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|line| line.contains(&format!("grpc_code=\"{code}\""))
+                        && line.ends_with(" 0")),
+                "{code}: {lines:#?}"
+            );
+        }
+        assert!(text.contains("grpc_server_in_flight{grpc_service=\"grpc.health.v1.Health\"} 0"));
+        // Nothing for services this server does not serve.
+        assert!(!text.contains("grpc_method=\"GetProfile\""));
     }
 
     #[test]

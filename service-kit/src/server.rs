@@ -99,10 +99,18 @@ pub async fn serve(
     let readiness_task = app.readiness.map(|check| {
         let reporter = reporter.clone();
         let names = app.service_names.clone();
+        // What the readiness checks see, for dashboards and the store-down alert: a
+        // NOT_SERVING pod drops out of its Service, so its own RPC metrics go quiet.
+        let store_up = crate::metrics::gauge(
+            "refsys_store_up",
+            "1 while the service's store (Redis, Postgres) answers its readiness check, else 0.",
+        );
+        store_up.set(1);
         tokio::spawn(async move {
             let mut was_ready = true;
             loop {
                 let ready = check().await;
+                store_up.set(i64::from(ready));
                 if ready != was_ready {
                     tracing::warn!(ready, "store readiness changed");
                     was_ready = ready;
@@ -140,6 +148,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha);
 
     let known_methods = crate::observe::KnownMethods::of_server(&app.service_names)?;
+    known_methods.zero_metrics();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()

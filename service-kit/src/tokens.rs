@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 /// JOSE `typ` of access tokens (RFC 9068).
@@ -178,7 +178,9 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>, KeyError> {
 
 /// The private key that signs tokens, with its public half for the JWK set.
 pub struct SigningKey {
-    encoding: EncodingKey,
+    /// Parsed once: jsonwebtoken's `encode` parses the PKCS#8 key on every call, which derives
+    /// the public key again (a second base-point multiplication, as costly as the signature).
+    pair: ring::signature::Ed25519KeyPair,
     jwk: Jwk,
 }
 
@@ -200,10 +202,8 @@ impl SigningKey {
         use ring::signature::KeyPair;
         let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
             .map_err(|err| KeyError::NotEd25519(err.to_string()))?;
-        Ok(Self {
-            encoding: EncodingKey::from_ed_der(der),
-            jwk: Jwk::from_public_key(pair.public_key().as_ref()),
-        })
+        let jwk = Jwk::from_public_key(pair.public_key().as_ref());
+        Ok(Self { pair, jwk })
     }
 
     /// A fresh random key: for development only, since tokens die with the process.
@@ -227,9 +227,26 @@ impl SigningKey {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.jwk.kid.clone());
         header.typ = Some(ACCESS_TOKEN_TYPE.into());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
-            .map_err(|err| TokenError::Signing(err.to_string()))
+        self.encode(&header, claims)
     }
+
+    /// What `jsonwebtoken::encode` makes of `header` and `claims` with this key, byte for byte,
+    /// without parsing the key again.
+    fn encode<T: Serialize>(&self, header: &Header, claims: &T) -> Result<String, TokenError> {
+        let message = format!("{}.{}", json_part(header)?, json_part(claims)?);
+        let signature = self.pair.sign(message.as_bytes());
+        Ok(format!(
+            "{message}.{}",
+            URL_SAFE_NO_PAD.encode(signature.as_ref())
+        ))
+    }
+}
+
+/// One base64url part of a JWT: `value` as JSON.
+fn json_part<T: Serialize>(value: &T) -> Result<String, TokenError> {
+    serde_json::to_vec(value)
+        .map(|json| URL_SAFE_NO_PAD.encode(json))
+        .map_err(|err| TokenError::Signing(err.to_string()))
 }
 
 /// Public keys by `kid`.
@@ -481,8 +498,27 @@ mod tests {
         header.kid = Some(key.kid().into());
         header.typ = Some(ACCESS_TOKEN_TYPE.into());
         let body = serde_json::json!({"iss": "refsys-auth", "aud": "refsys", "exp": now() + 60});
-        let token = jsonwebtoken::encode(&header, &body, &key.encoding).unwrap();
+        let token = key.encode(&header, &body).unwrap();
         assert!(verifier_for(&key).verify(&token).is_err());
+    }
+
+    #[test]
+    fn tokens_are_byte_for_byte_what_jsonwebtoken_signs() {
+        let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        let key = SigningKey::from_pkcs8_der(der.as_ref()).unwrap();
+        let claims = claims("refsys", now() + 60);
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid().into());
+        header.typ = Some(ACCESS_TOKEN_TYPE.into());
+        let theirs = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(der.as_ref()),
+        )
+        .unwrap();
+        assert_eq!(key.sign(&claims).unwrap(), theirs);
+        assert!(verifier_for(&key).verify(&theirs).is_ok());
     }
 
     #[test]

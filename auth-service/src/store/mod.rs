@@ -64,6 +64,16 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The `kind` label of `refsys_redis_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "unavailable",
+            Self::Corrupt(_) => "corrupt",
+        }
+    }
+}
+
 impl From<redis::RedisError> for StoreError {
     fn from(err: redis::RedisError) -> Self {
         if is_bug(&err) {
@@ -110,11 +120,17 @@ pub(crate) async fn bounded<T>(
     limit: Duration,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+    let result = tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
         Err(StoreError::Unavailable(format!(
             "no answer within {limit:?}"
         )))
-    })
+    });
+    if let Err(err) = &result {
+        crate::metrics::REDIS_ERRORS
+            .with_label_values(&[err.kind()])
+            .inc();
+    }
+    result
 }
 
 /// Checks that a key prefix cannot break the hash tags (no braces).
@@ -150,6 +166,38 @@ pub async fn is_reachable(conn: &RedisConnection, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn failed_calls_are_counted_by_kind() {
+        let count = |kind: &str| {
+            crate::metrics::REDIS_ERRORS
+                .with_label_values(&[kind])
+                .get()
+        };
+        let before = (count("unavailable"), count("corrupt"));
+        let hung = bounded(
+            Duration::from_millis(1),
+            std::future::pending::<Result<(), _>>(),
+        );
+        let hung = hung.await.unwrap_err();
+        let corrupt = bounded(Duration::from_secs(1), async {
+            Err::<(), _>(StoreError::Corrupt("a reply of the wrong shape".into()))
+        })
+        .await
+        .unwrap_err();
+        bounded(Duration::from_secs(1), async { Ok::<_, StoreError>(()) })
+            .await
+            .unwrap();
+        // Other tests of this binary may count too, never uncount.
+        assert!(count("unavailable") > before.0);
+        assert!(count("corrupt") > before.1);
+        for err in [hung, corrupt] {
+            assert!(
+                crate::metrics::REDIS_ERROR_KINDS.contains(&err.kind()),
+                "{err:?}"
+            );
+        }
+    }
 
     /// The error Redis would answer with `line` (as the wire carries it).
     fn server_error(line: &str) -> redis::RedisError {

@@ -1,13 +1,11 @@
 //! The AuthService handlers end to end within one process: the real Redis, a local
 //! Twilio-compatible endpoint (wiremock) and a stub `UserDirectory` that can be taken down.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use auth_service::config::AuthConfig;
 use auth_service::error::{CODE_REJECTED, ERROR_DOMAIN};
 use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
 use refsys_proto::auth::v1::{
@@ -167,37 +165,20 @@ impl Harness {
                 ),
         );
 
-        let (auth_listener, auth_addr) = listener().await;
-        let mut env: HashMap<String, String> = [
-            ("REDIS_URL", redis_url()),
-            ("REDIS_KEY_PREFIX", prefix()),
-            ("REFERRAL_GRPC_URL", format!("http://{dir_addr}")),
-            ("SMS_PROVIDER", "twilio".to_owned()),
-            ("TWILIO_API_BASE", sms.uri()),
-            ("TWILIO_ACCOUNT_SID", "AC1".to_owned()),
-            ("TWILIO_AUTH_TOKEN", "token".to_owned()),
-            ("TWILIO_FROM", "+15005550006".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        let config = AuthConfig::from_source(env).unwrap();
-        let (auth_stop, auth_stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            auth_service::serve(&config, auth_listener, async {
-                let _ = auth_stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let client = AuthServiceClient::connect(format!("http://{auth_addr}"))
-            .await
-            .unwrap();
+        let (client, auth_stop) = crate::serve_auth(
+            vec![
+                ("REDIS_URL", redis_url()),
+                ("REDIS_KEY_PREFIX", prefix()),
+                ("REFERRAL_GRPC_URL", format!("http://{dir_addr}")),
+                ("SMS_PROVIDER", "twilio".to_owned()),
+                ("TWILIO_API_BASE", sms.uri()),
+                ("TWILIO_ACCOUNT_SID", "AC1".to_owned()),
+                ("TWILIO_AUTH_TOKEN", "token".to_owned()),
+                ("TWILIO_FROM", "+15005550006".to_owned()),
+            ],
+            extra,
+        )
+        .await;
         Self {
             client,
             sms,

@@ -82,18 +82,19 @@ async fn rotate_ok(store: &RefreshStore, token: &RefreshToken, at: SystemTime) -
 #[tokio::test]
 async fn rotation_replaces_the_token_and_records_live_roles() {
     let store = store().await;
-    let first = sign_in(&store, USER, t0()).await;
-    let second = rotate_ok(&store, &first.token, t0()).await;
+    let t0 = t0();
+    let first = sign_in(&store, USER, t0).await;
+    let second = rotate_ok(&store, &first.token, t0).await;
     assert_ne!(first.token.expose(), second.token.expose());
     assert_eq!(second.session_id, first.session_id);
     assert!(!second.replayed);
     // A role removed since sign-in is gone from the next rotation.
-    let third = match rotate(&store, &second.token, &[], t0()).await {
+    let third = match rotate(&store, &second.token, &[], t0).await {
         RotateOutcome::Rotated(rotation) => rotation,
         other => panic!("{other:?}"),
     };
     assert!(third.owner.roles.is_empty());
-    assert_eq!(third.expires_at, t0() + 30 * DAY);
+    assert_eq!(third.expires_at, t0 + 30 * DAY);
 }
 
 #[tokio::test]
@@ -220,15 +221,17 @@ async fn eight_parallel_refreshes_of_one_token_yield_one_successor() {
 #[tokio::test]
 async fn sessions_are_listed_newest_first_and_only_the_owners() {
     let store = store().await;
+    // One reading of the clock: t0() moves on when a second ticks over mid-test.
+    let t0 = t0();
     let other_user = "0190f5e2-0000-7000-8000-000000000002";
-    let older = sign_in(&store, USER, t0() - Duration::from_secs(60)).await;
-    let newer = sign_in(&store, USER, t0()).await;
-    let theirs = sign_in(&store, other_user, t0()).await;
-    let rotated = rotate_ok(&store, &newer.token, t0() + Duration::from_secs(5)).await;
+    let older = sign_in(&store, USER, t0 - Duration::from_secs(60)).await;
+    let newer = sign_in(&store, USER, t0).await;
+    let theirs = sign_in(&store, other_user, t0).await;
+    let rotated = rotate_ok(&store, &newer.token, t0 + Duration::from_secs(5)).await;
     let sessions = store.sessions(USER).await.unwrap();
     let ids: Vec<&str> = sessions.iter().map(|s| s.session_id.as_str()).collect();
     assert_eq!(ids, [newer.session_id.as_str(), older.session_id.as_str()]);
-    assert_eq!(sessions[0].last_refresh_at, t0() + Duration::from_secs(5));
+    assert_eq!(sessions[0].last_refresh_at, t0 + Duration::from_secs(5));
     assert_eq!(sessions[0].expires_at, rotated.expires_at);
     assert_eq!(sessions[0].client, "203.0.113.x");
     for session in &sessions {

@@ -1,10 +1,8 @@
 //! IssueServiceToken through gRPC against the real Redis: client credentials, scopes, the
 //! per-client-id budgets and the token it mints.
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use auth_service::config::AuthConfig;
 use auth_service::error::{ERROR_DOMAIN, SERVICE_CLIENT_REJECTED};
 use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
 use refsys_proto::auth::v1::{GetJwksRequest, IssueServiceTokenRequest, IssueServiceTokenResponse};
@@ -50,35 +48,17 @@ impl Harness {
         ]});
         std::fs::write(&file, clients.to_string()).unwrap();
         let prefix = prefix();
-        let mut env: HashMap<String, String> = [
-            ("REDIS_URL", redis_url()),
-            ("REDIS_KEY_PREFIX", prefix.clone()),
-            // Never called: IssueServiceToken needs no referral-service.
-            ("REFERRAL_GRPC_URL", "http://127.0.0.1:9".to_owned()),
-            ("SERVICE_CLIENTS_FILE", file.to_str().unwrap().to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        let config = AuthConfig::from_source(env).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            auth_service::serve(&config, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let client = AuthServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+        let (client, stop) = crate::serve_auth(
+            vec![
+                ("REDIS_URL", redis_url()),
+                ("REDIS_KEY_PREFIX", prefix.clone()),
+                // Never called: IssueServiceToken needs no referral-service.
+                ("REFERRAL_GRPC_URL", "http://127.0.0.1:9".to_owned()),
+                ("SERVICE_CLIENTS_FILE", file.to_str().unwrap().to_owned()),
+            ],
+            extra,
+        )
+        .await;
         Self {
             client,
             prefix,

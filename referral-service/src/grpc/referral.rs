@@ -1,6 +1,7 @@
 //! `refsys.referral.v1.ReferralService`: what a signed-in user calls.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
 
 use refsys_proto::referral::v1 as pb;
 use refsys_proto::referral::v1::referral_service_server::ReferralService;
@@ -8,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller_id, convert};
 use crate::domain::{Email, InviteCode, PersonName, UserId};
+use crate::profile_cache::ProfileCache;
 use crate::rules::{self, Cursor, ProfileField};
 use crate::storage::{ProfileChanges, Repository};
 
@@ -18,24 +20,82 @@ pub static ACTIVATIONS: LazyLock<service_kit::metrics::IntCounter> = LazyLock::n
     )
 });
 
+/// GetProfile answers from the cache and from Postgres, resolved once: this is the hottest
+/// path, and a labelled lookup per call would hash the label each time.
+struct ProfileCacheLookups {
+    hits: service_kit::metrics::IntCounter,
+    misses: service_kit::metrics::IntCounter,
+}
+
+static PROFILE_CACHE: LazyLock<ProfileCacheLookups> = LazyLock::new(|| {
+    let counter = service_kit::metrics::counter_vec(
+        "refsys_profile_cache_lookups_total",
+        "GetProfile answers by where they came from: the replica's profile cache (hit) or Postgres (miss).",
+        &["result"],
+    );
+    ProfileCacheLookups {
+        hits: counter.with_label_values(&["hit"]),
+        misses: counter.with_label_values(&["miss"]),
+    }
+});
+
 pub struct ReferralHandler {
     repository: Repository,
+    profiles: Option<Arc<ProfileCache>>,
 }
 
 impl ReferralHandler {
     pub fn new(repository: Repository) -> Self {
+        Self::with_profile_cache(repository, None)
+    }
+
+    /// Serves GetProfile through `profiles` when given (see [`ProfileCache`]).
+    pub fn with_profile_cache(repository: Repository, profiles: Option<Arc<ProfileCache>>) -> Self {
         LazyLock::force(&ACTIVATIONS);
-        Self { repository }
+        if profiles.is_some() {
+            LazyLock::force(&PROFILE_CACHE);
+        }
+        Self {
+            repository,
+            profiles,
+        }
     }
 
     async fn profile(&self, id: UserId) -> Result<pb::Profile, Status> {
+        let Some(profiles) = &self.profiles else {
+            return self.read_profile(id).await;
+        };
+        let ticket = match profiles.get(id.0, Instant::now()) {
+            Ok(profile) => {
+                PROFILE_CACHE.hits.inc();
+                return Ok(profile);
+            }
+            Err(ticket) => ticket,
+        };
+        PROFILE_CACHE.misses.inc();
+        let profile = self.read_profile(id).await?;
+        profiles.store(id.0, profile.clone(), ticket, Instant::now());
+        Ok(profile)
+    }
+
+    async fn read_profile(&self, id: UserId) -> Result<pb::Profile, Status> {
         let (user, invitees) = self.repository.profile(id, rules::PROFILE_INVITEES).await?;
         Ok(convert::profile(user, invitees))
     }
 
+    /// The caller changed their own profile: their next read on this replica must see it,
+    /// without waiting for the database's notification.
+    fn changed(&self, id: UserId) {
+        if let Some(profiles) = &self.profiles {
+            profiles.invalidate(id.0, Instant::now());
+        }
+    }
+
     async fn activate(&self, id: UserId, code: &str) -> Result<(), Status> {
         let code = InviteCode::parse(code)?;
-        self.repository.activate(id, &code).await?;
+        let activated = self.repository.activate(id, &code).await;
+        self.changed(id);
+        activated?;
         ACTIVATIONS.inc();
         Ok(())
     }
@@ -84,7 +144,8 @@ impl ReferralService for ReferralHandler {
                     .map_err(|err| err.in_field("profile.activated_invite_code"))
             })
             .transpose()?;
-        self.repository
+        let updated = self
+            .repository
             .update_profile(
                 id,
                 &ProfileChanges {
@@ -97,7 +158,9 @@ impl ReferralService for ReferralHandler {
                     invite_code: invite_code.as_ref(),
                 },
             )
-            .await?;
+            .await;
+        self.changed(id);
+        updated?;
         if invite_code.is_some() {
             ACTIVATIONS.inc();
         }

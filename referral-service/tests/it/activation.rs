@@ -3,11 +3,7 @@ use referral_service::error::ReferralError;
 use referral_service::storage::InviteOutcome;
 use sqlx::PgPool;
 
-use crate::{id, repository, users};
-
-fn code(user: &referral_service::storage::UserRecord) -> InviteCode {
-    InviteCode::parse(&user.invite_code).unwrap()
-}
+use crate::{code, id, repository, users};
 
 #[sqlx::test]
 async fn activation_awards_both_sides_once(pool: PgPool) {

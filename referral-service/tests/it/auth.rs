@@ -52,11 +52,12 @@ pub(crate) async fn start(pool: &PgPool) -> Server {
         REFERRAL_SERVICE_AUDIENCE,
         None,
     ));
-    let (notifier, _listener) = referral_service::events::Notifier::spawn(pool.clone());
+    let (notifier, _listener) = referral_service::events::Notifier::spawn(pool.clone(), None);
     let routes = referral_service::routes(
         &Repository::new(pool.clone(), BONUSES, pepper()),
         authenticator,
         &notifier,
+        None,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

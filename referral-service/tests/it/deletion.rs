@@ -7,7 +7,7 @@ use std::time::Duration;
 use referral_service::domain::{InviteCode, PhoneNumber};
 use referral_service::error::ReferralError;
 use referral_service::grpc::{AdminHandler, DirectoryHandler, ReferralHandler};
-use referral_service::storage::{Award, Repository, UserRecord};
+use referral_service::storage::{Award, Repository};
 use refsys_proto::referral::v1 as pb;
 use refsys_proto::referral::v1::admin_service_server::AdminService;
 use refsys_proto::referral::v1::referral_service_server::ReferralService;
@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
-use crate::{BONUSES, id, pepper, repository, users};
+use crate::{BONUSES, code, id, pepper, repository, users};
 
 struct Handlers {
     repository: Arc<Repository>,
@@ -58,10 +58,6 @@ fn as_user<T>(user: Uuid, message: T) -> Request<T> {
 
 fn e164(number: &str) -> PhoneNumber {
     PhoneNumber::parse(number, None).expect("a valid test number")
-}
-
-fn code(user: &UserRecord) -> InviteCode {
-    InviteCode::parse(&user.invite_code).unwrap()
 }
 
 async fn delete(directory: &DirectoryHandler, user: Uuid) -> Result<bool, Code> {

@@ -73,10 +73,7 @@ async fn each_change_writes_its_event_in_its_transaction_and_no_phone_number(poo
     let all = users(&repository, 2).await;
     let (inviter, invitee) = (&all[0], &all[1]);
     repository
-        .activate(
-            id(invitee),
-            &referral_service::domain::InviteCode::parse(&inviter.invite_code).unwrap(),
-        )
+        .activate(id(invitee), &crate::code(inviter))
         .await
         .unwrap();
     repository
@@ -91,10 +88,7 @@ async fn each_change_writes_its_event_in_its_transaction_and_no_phone_number(poo
     repository.delete_user(id(invitee)).await.unwrap();
     // A refused activation writes nothing.
     let _ = repository
-        .activate(
-            id(inviter),
-            &referral_service::domain::InviteCode::parse(&inviter.invite_code).unwrap(),
-        )
+        .activate(id(inviter), &crate::code(inviter))
         .await
         .unwrap_err();
 
@@ -203,7 +197,7 @@ async fn the_stream_delivers_each_event_once_in_order_while_hundreds_commit(pool
     assert_eq!(first[0].r#type, "refsys.referral.user.created");
 
     // 150 sign-ups, each activating the inviter's code, from 16 concurrent writers.
-    let code = referral_service::domain::InviteCode::parse(&inviter.invite_code).unwrap();
+    let code = crate::code(&inviter);
     let writers: Vec<_> = (0..16u32)
         .map(|w| {
             let (repository, code) = (repository.clone(), code.clone());

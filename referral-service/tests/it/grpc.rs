@@ -19,7 +19,7 @@ use tonic_types::StatusExt;
 
 use crate::{BONUSES, pepper, users};
 
-fn as_user<T>(user: &UserRecord, message: T) -> Request<T> {
+pub(crate) fn as_user<T>(user: &UserRecord, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.extensions_mut().insert(Caller {
         claims: Claims {
@@ -52,7 +52,7 @@ fn violated_field(status: &Status) -> String {
     bad_request.field_violations[0].field.clone()
 }
 
-async fn profile(handler: &ReferralHandler, user: &UserRecord) -> pb::Profile {
+pub(crate) async fn profile(handler: &ReferralHandler, user: &UserRecord) -> pb::Profile {
     handler
         .get_profile(as_user(user, pb::GetProfileRequest {}))
         .await

@@ -7,11 +7,12 @@ mod deletion;
 mod events;
 mod grpc;
 mod points;
+mod profile_cache;
 mod users;
 
 use std::sync::Arc;
 
-use referral_service::domain::{PhoneNumber, PhonePepper, UserId};
+use referral_service::domain::{InviteCode, PhoneNumber, PhonePepper, UserId};
 use referral_service::storage::{Bonuses, Repository, UserRecord};
 use sqlx::PgPool;
 
@@ -46,6 +47,11 @@ pub async fn users(repository: &Repository, count: u32) -> Vec<UserRecord> {
         );
     }
     users
+}
+
+/// The user's own invite code, for activating it.
+pub fn code(user: &UserRecord) -> InviteCode {
+    InviteCode::parse(&user.invite_code).expect("a stored invite code")
 }
 
 pub fn id(user: &UserRecord) -> UserId {

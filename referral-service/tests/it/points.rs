@@ -785,10 +785,7 @@ async fn users_see_redemptions_and_grants_in_their_ledger_and_balance(pool: PgPo
     let all = users(&repository, 2).await;
     let (inviter, invitee) = (&all[0], &all[1]);
     repository
-        .activate(
-            id(invitee),
-            &referral_service::domain::InviteCode::parse(&inviter.invite_code).unwrap(),
-        )
+        .activate(id(invitee), &crate::code(inviter))
         .await
         .unwrap();
     let (redeemed_before, granted_before) = (POINTS_REDEEMED.get(), POINTS_GRANTED.get());
@@ -936,10 +933,7 @@ async fn credits_do_not_wait_for_a_debits_row_lock(pool: PgPool) {
         .unwrap();
     let credits = async {
         repository
-            .activate(
-                id(invitee),
-                &referral_service::domain::InviteCode::parse(&inviter.invite_code).unwrap(),
-            )
+            .activate(id(invitee), &crate::code(inviter))
             .await
             .unwrap();
         repository

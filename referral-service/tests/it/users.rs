@@ -35,6 +35,21 @@ async fn concurrent_first_sign_ins_of_one_phone_make_one_user(pool: PgPool) {
 }
 
 #[sqlx::test]
+async fn a_new_user_is_answered_exactly_as_stored(pool: PgPool) {
+    let repository = repository(&pool);
+    let (created, new) = repository.ensure_user(&phone(1)).await.unwrap();
+    assert!(new);
+    let (found, new) = repository.ensure_user(&phone(1)).await.unwrap();
+    assert!(!new);
+    // Built from the insert's defaults rather than read back: it must match what is stored.
+    assert_eq!(format!("{created:?}"), format!("{found:?}"));
+    assert_eq!(
+        format!("{created:?}"),
+        format!("{:?}", repository.user(id(&created)).await.unwrap())
+    );
+}
+
+#[sqlx::test]
 async fn an_invite_code_collision_is_retried_with_a_new_code(pool: PgPool) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
@@ -222,6 +237,34 @@ async fn the_pool_recovers_after_postgres_drops_every_connection(pool: PgPool) {
     }
 }
 
+#[sqlx::test]
+async fn a_request_that_finds_no_free_connection_is_unavailable_and_counted(pool: PgPool) {
+    let own_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_millis(200))
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let repository = Repository::new(own_pool.clone(), BONUSES, pepper());
+    let timeouts = || {
+        let rendered = service_kit::metrics::render();
+        rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("refsys_db_pool_timeouts_total "))
+            .unwrap_or_else(|| panic!("refsys_db_pool_timeouts_total missing in\n{rendered}"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = timeouts();
+    let held = own_pool.acquire().await.unwrap();
+    let err = repository.ensure_user(&phone(1)).await.unwrap_err();
+    assert!(matches!(err, ReferralError::Unavailable(_)), "{err:?}");
+    // Other tests of this binary may count too, never uncount.
+    assert!(timeouts() > before);
+    drop(held);
+    repository.ensure_user(&phone(1)).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_not_internal() {
     // Nothing listens on port 1: every call fails at connect, within the acquire timeout.
@@ -238,4 +281,35 @@ async fn an_unreachable_database_is_unavailable_not_internal() {
     assert!(!repository.is_reachable().await);
     let status = tonic::Status::from(err);
     assert_eq!(status.code(), tonic::Code::Unavailable);
+}
+
+#[sqlx::test]
+async fn a_pooled_connection_that_died_while_idle_is_replaced_unseen(pool: PgPool) {
+    let database = pool
+        .connect_options()
+        .get_database()
+        .expect("the test database")
+        .to_owned();
+    let own = referral_service::storage::connect(
+        &format!("postgres://postgres@127.0.0.1:5432/{database}"),
+        1,
+        std::time::Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    let backend = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&own);
+    let first = backend().await.unwrap();
+    // The server ends the pooled connection while it sits idle (a restart, a failover, a
+    // proxy's idle cut)...
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    // ...and the next statement runs on a new connection instead of failing on the dead one.
+    let second = backend()
+        .await
+        .expect("the dead connection is checked and replaced");
+    assert_ne!(second, first);
 }
