@@ -13,14 +13,30 @@
 //! when it ran them, otherwise on a single-node stack of their own). Its rows also get a section
 //! of their own.
 //!
-//! Usage: loadgen [--seconds 10] [--concurrency 64] [--scenarios signin,profile,activate,refresh,mixed,scale,abuse,cluster]
+//! `sweep` (in the default set) runs GetProfile, sign-in and activation at 1 to 256 callers,
+//! `--sweep-seconds` each, on stacks of their own: see [`sweep`]. With `--write`, it draws its
+//! charts, and [`rss`] the memory over the whole run, into `bench/` beside the written file.
+//!
+//! Usage: loadgen [--seconds 10] [--concurrency 64] [--sweep-seconds 3]
+//!                [--scenarios signin,profile,activate,refresh,mixed,scale,sweep,abuse,cluster]
 //!                [--service-env KEY=VALUE ...] [--write FILE]
+//!        loadgen --dashboards DIR [--concurrency 8]   (a PNG per Grafana dashboard: [`dashboards`])
 
 mod abuse;
 mod capture;
+mod ceiling;
+mod compare;
+mod cpu;
+mod dashboards;
+mod h2load;
+mod lean;
+mod plot;
+mod resp;
+mod rss;
 mod scenarios;
 mod seed;
 mod stats;
+mod sweep;
 
 use std::time::{Duration, Instant};
 
@@ -29,22 +45,30 @@ use e2e_tests::{Stack, StackOptions};
 
 pub struct Options {
     pub seconds: u64,
+    /// How long each point of the concurrency sweep runs.
+    pub sweep_seconds: u64,
     pub concurrency: usize,
     pub scenarios: Vec<String>,
     pub write: Option<String>,
     /// Extra settings for both services (`--service-env KEY=VALUE`, repeatable), for tuning runs.
     pub service_env: Vec<(String, String)>,
+    /// `--dashboards DIR`: draw the dashboards into DIR instead of running the scenarios.
+    pub dashboards: Option<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let mut options = Options {
         seconds: 10,
+        sweep_seconds: 3,
         concurrency: 64,
-        scenarios: ["signin", "profile", "activate", "refresh", "mixed", "scale"]
-            .map(String::from)
-            .to_vec(),
+        scenarios: [
+            "signin", "profile", "activate", "refresh", "mixed", "scale", "sweep",
+        ]
+        .map(String::from)
+        .to_vec(),
         write: None,
         service_env: Vec::new(),
+        dashboards: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -58,8 +82,14 @@ fn parse_args() -> Result<Options, String> {
                     .parse()
                     .map_err(|e| format!("--concurrency: {e}"))?;
             }
+            "--sweep-seconds" => {
+                options.sweep_seconds = value()?
+                    .parse()
+                    .map_err(|e| format!("--sweep-seconds: {e}"))?;
+            }
             "--scenarios" => options.scenarios = value()?.split(',').map(str::to_owned).collect(),
             "--write" => options.write = Some(value()?),
+            "--dashboards" => options.dashboards = Some(value()?),
             "--service-env" => {
                 let pair = value()?;
                 let (key, val) = pair
@@ -98,16 +128,19 @@ fn machine_description() -> String {
     )
 }
 
-/// Every scenario `--scenarios` accepts; all but `abuse` and `cluster` run on one stack with
-/// the limits lifted.
-const SCENARIOS: [&str; 8] = [
-    "signin", "profile", "activate", "refresh", "mixed", "scale", "abuse", "cluster",
+/// Every scenario `--scenarios` accepts; all but `abuse`, `cluster` and `sweep` run on one
+/// stack with the limits lifted.
+const SCENARIOS: [&str; 9] = [
+    "signin", "profile", "activate", "refresh", "mixed", "scale", "sweep", "abuse", "cluster",
 ];
 
 /// The scenarios `cluster` compares, single node against cluster.
 const COMPARED: [&str; 2] = ["signin", "refresh"];
 
-#[tokio::main]
+// One thread for the callers, the HTTP/2 connections and the SMS capture: frames of many
+// calls go out in one write and no request wakes another thread, which cost the load generator
+// a third more CPU per call on 2 cores (docs/BENCHMARKS.md, the driver comparison).
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let options = match parse_args() {
         Ok(options) => options,
@@ -130,17 +163,36 @@ async fn main() {
         .iter()
         .map(|(k, v)| (&*Box::leak(k.clone().into_boxed_str()), v.clone()))
         .collect();
+    if let Some(dir) = &options.dashboards {
+        let out = std::path::Path::new(dir);
+        if let Err(err) = dashboards::run(out, options.concurrency, &extra).await {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let regular: Vec<&str> = options
         .scenarios
         .iter()
         .map(String::as_str)
-        .filter(|s| *s != "abuse" && *s != "cluster")
+        .filter(|s| !["abuse", "cluster", "sweep"].contains(s))
         .collect();
+    rss::start();
+    let sweep = options.scenarios.iter().any(|s| s == "sweep");
     let mut single_node = Vec::new();
     if !regular.is_empty() {
-        let (results, compared) = run_regular(&options, &regular, &extra).await;
+        let (results, compared, seed) = run_regular(&options, &regular, &extra).await;
         single_node = compared;
         write_or_exit(&options, RESULTS_START, RESULTS_END, &results);
+        write_or_exit(&options, CEILINGS_START, CEILINGS_END, &seed);
+    }
+    if sweep {
+        let curves = sweep::run(options.sweep_seconds, &extra).await;
+        if let Some(dir) = charts_dir(&options) {
+            exit_on_error(sweep::draw(&curves, &dir));
+        }
+        let section = sweep::section(&curves, options.sweep_seconds, CHARTS);
+        write_or_exit(&options, SWEEP_START, SWEEP_END, &section);
     }
     if options.scenarios.iter().any(|s| s == "cluster") {
         let section = run_cluster(&options, &extra, single_node).await;
@@ -163,6 +215,12 @@ async fn main() {
             machine_description()
         );
         write_or_exit(&options, ABUSE_START, ABUSE_END, &section);
+    }
+    // Memory over the regular scenarios and the sweep (abuse and cluster stacks are not watched).
+    if let Some(dir) = charts_dir(&options)
+        && (sweep || !regular.is_empty())
+    {
+        exit_on_error(rss::draw(&dir.join("rss.svg")).map(drop));
     }
 }
 
@@ -190,6 +248,9 @@ fn throughput_options(
             ("SMS_MAX_SENDS_PER_PREFIX_PER_HOUR", "1000000".into()),
             ("OTP_MAX_FAILED_PER_CLIENT_PER_HOUR", "1000000".into()),
             ("OTP_RESEND_COOLDOWN_SECONDS", "1".into()),
+            // The driver comparison replays one rotated refresh token for a while (see
+            // `compare`): the longest grace the service accepts.
+            ("REFRESH_REUSE_GRACE_SECONDS", "300".into()),
         ]
         .into_iter()
         .chain(redis)
@@ -215,18 +276,54 @@ fn finish_row(summary: &mut stats::Summary, stack: &Stack) -> String {
     row
 }
 
-/// The throughput scenarios on one stack; returns the report for the results section and the
-/// rows of the [`COMPARED`] scenarios it ran, labelled for the cluster section.
+/// How long each ceiling and each driver of the comparison runs: short, they only need a
+/// steady rate.
+fn ceiling_seconds(options: &Options) -> u64 {
+    options.seconds.clamp(1, 5)
+}
+
+/// The driver comparison (see [`compare`]) for the scenarios run: the gRPC floor always,
+/// GetProfile and refresh when their scenarios ran; returns its table and its rows for the
+/// seed comparison.
+async fn compare_drivers(
+    bench: &std::sync::Arc<scenarios::Bench>,
+    stack: &Stack,
+    scenarios: &[&str],
+    seconds: u64,
+) -> (String, String) {
+    let duration = Duration::from_secs(seconds);
+    let mut pairs = vec![(
+        "referral-service",
+        compare::health(bench, stack, duration).await,
+    )];
+    if scenarios.contains(&"profile")
+        && let Some(pair) = compare::profile(bench, stack, duration).await
+    {
+        pairs.push(("referral-service", pair));
+    }
+    if scenarios.contains(&"refresh")
+        && let Some(pair) = compare::refresh_replay(bench, stack, duration).await
+    {
+        pairs.push(("auth-service", pair));
+    }
+    (compare::table(&pairs), compare::ratios(&pairs))
+}
+
+/// The throughput scenarios on one stack; returns the report for the results section, the
+/// rows of the [`COMPARED`] scenarios it ran, labelled for the cluster section, and the seed
+/// comparison's section.
 async fn run_regular(
     options: &Options,
     scenarios: &[&str],
     extra: &[(&'static str, String)],
-) -> (String, Vec<(&'static str, String)>) {
+) -> (String, Vec<(&'static str, String)>, String) {
     let capture = capture::CodeCapture::default();
     let capture_url = capture.start().await;
     let started = Instant::now();
     let stack = Stack::start_with(throughput_options(capture_url, extra, None)).await;
     let stack_start = started.elapsed();
+    rss::watch("auth-service", stack.auth.pid());
+    rss::watch("referral-service", stack.referral.pid());
     let (auth_idle, _) = stats::rss_mb(stack.auth.pid());
     let (referral_idle, _) = stats::rss_mb(stack.referral.pid());
 
@@ -235,8 +332,12 @@ async fn run_regular(
     let mut report = vec![stats::Summary::header().to_owned()];
     let mut notes = Vec::new();
     let mut compared = Vec::new();
+    let mut ceilings =
+        ceiling::Ceilings::new(&stack, options.concurrency, ceiling_seconds(options));
+    let mut beside = Vec::new();
     println!("{}", stats::Summary::header());
     for scenario in scenarios {
+        rss::mark(scenario);
         let summaries = match *scenario {
             "signin" => vec![bench.signin(duration).await],
             "profile" => vec![bench.profile(duration).await],
@@ -254,14 +355,31 @@ async fn run_regular(
             }
             other => unreachable!("scenario {other} was checked"),
         };
+        let scenario_ceilings = ceilings.of(scenario, &bench).await;
         for mut summary in summaries {
             report.push(finish_row(&mut summary, &stack));
             if let Some(name) = COMPARED.iter().find(|name| *name == scenario) {
-                summary.name = format!("single node: {}", summary.name);
-                compared.push((*name, summary.row()));
+                let mut labelled = summary.clone();
+                labelled.name = format!("single node: {}", summary.name);
+                compared.push((*name, labelled.row()));
             }
+            beside.push((summary, Vec::new()));
+        }
+        if let Some((_, last)) = beside.last_mut() {
+            *last = scenario_ceilings;
         }
     }
+    // Each scenario's segment of the RSS chart includes its ceiling; this one is h2load's too.
+    rss::mark("loadgen vs h2load");
+    let (drivers, driver_ratios) =
+        compare_drivers(&bench, &stack, scenarios, ceiling_seconds(options)).await;
+    let rows: Vec<ceiling::Row> = beside
+        .iter()
+        .map(|(summary, ceilings)| ceiling::Row { summary, ceilings })
+        .collect();
+    let ceiling_table = ceiling::table(&rows);
+    let seed_table = ceiling::seed_table(&rows);
+    println!("\n{ceiling_table}\n\n{drivers}\n");
 
     // Time to SERVING from a cold process start (migrations already applied).
     let mut stack = stack;
@@ -284,15 +402,31 @@ async fn run_regular(
     println!("{summary}");
     let report = format!(
         "Measured by `scripts/bench` (release build, `loadgen --seconds {} --concurrency {}`) on {}.\n\n\
-         Machine: {}.\n\n{}\n{}",
+         Machine: {}.\n\n{}\n{}\n\
+         Beside each scenario, its same-run ceiling ({} s each, right after the scenario) and what 1,000 calls cost each process in CPU:\n\n\
+         {ceiling_table}\n\n\
+         The same request from loadgen and from h2load, back to back ({} s each, {} connections, {} streams in all):\n\n\
+         {drivers}\n",
         options.seconds,
         options.concurrency,
         today(),
         machine_description(),
         report.join("\n"),
-        summary
+        summary,
+        ceiling_seconds(options),
+        ceiling_seconds(options),
+        bench.connections(),
+        options.concurrency,
     );
-    (report, compared)
+    let seed = format!(
+        "Measured on {} ({}; `loadgen --seconds {} --concurrency {}`).\n\n{seed_table}\n\n\
+         The same request from loadgen and from h2load:\n\n{driver_ratios}\n",
+        today(),
+        machine_description(),
+        options.seconds,
+        options.concurrency,
+    );
+    (report, compared, seed)
 }
 
 /// `scenarios` (of [`COMPARED`]) on a throughput stack of their own, on `cluster` when given,
@@ -389,6 +523,21 @@ async fn run_cluster(
     )
 }
 
+/// Where the charts go, as the written report links them: `bench/` beside it.
+const CHARTS: &str = "bench";
+
+fn charts_dir(options: &Options) -> Option<std::path::PathBuf> {
+    let report = std::path::Path::new(options.write.as_ref()?);
+    Some(report.parent()?.join(CHARTS))
+}
+
+fn exit_on_error(result: Result<(), String>) {
+    if let Err(err) = result {
+        eprintln!("error: {err}");
+        std::process::exit(1);
+    }
+}
+
 fn write_or_exit(options: &Options, start: &str, end: &str, content: &str) {
     let Some(path) = &options.write else { return };
     let existing = std::fs::read_to_string(path).unwrap_or_default();
@@ -405,6 +554,10 @@ const ABUSE_START: &str = "<!-- loadgen abuse: start -->";
 const ABUSE_END: &str = "<!-- loadgen abuse: end -->";
 const CLUSTER_START: &str = "<!-- loadgen cluster: start -->";
 const CLUSTER_END: &str = "<!-- loadgen cluster: end -->";
+const SWEEP_START: &str = "<!-- loadgen sweep: start -->";
+const SWEEP_END: &str = "<!-- loadgen sweep: end -->";
+const CEILINGS_START: &str = "<!-- loadgen ceilings: start -->";
+const CEILINGS_END: &str = "<!-- loadgen ceilings: end -->";
 
 /// `document` with the generated section between `start` and `end` replaced by `content`;
 /// everything outside the markers (the hand-written analysis, other sections) is kept. A

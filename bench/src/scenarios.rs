@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use e2e_tests::Stack;
 use e2e_tests::stack::bearer;
 use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
-use refsys_proto::auth::v1::{RefreshTokensRequest, SendCodeRequest, VerifyCodeRequest};
+use refsys_proto::auth::v1::{
+    RefreshTokensRequest, RefreshTokensResponse, SendCodeRequest, VerifyCodeRequest,
+};
 use refsys_proto::referral::v1::referral_service_client::ReferralServiceClient;
 use refsys_proto::referral::v1::{
     ActivateInviteCodeRequest, GetProfileRequest, ListInviteesRequest,
@@ -17,14 +19,30 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::capture::CodeCapture;
+use crate::cpu::{PerThousand, Pids, Reading};
+use crate::lean::{self, Connections, Rpc};
 use crate::stats::{Recorder, Summary};
 
 /// What an operation answers when its prepared inputs ran out: the caller stops, unrecorded,
 /// and the rate is taken over the time the inputs lasted.
 const USED_UP: &str = "prepared inputs used up";
 
+/// The fewest callers that prepare a run's users.
+const PREPARE_CALLERS: usize = 32;
+
 /// HTTP/2 connections per service: one connection serialises on one server task.
 const CONNECTIONS: usize = 4;
+
+/// `users` signed in to prepare `scenario`, which needs at least one: a clear stop instead of
+/// a division by zero when auth-service refused every preparation sign-in (a limit, the fraud
+/// guard).
+fn prepared(scenario: &str, users: Vec<Signed>) -> Vec<Signed> {
+    assert!(
+        !users.is_empty(),
+        "{scenario}: auth-service refused every sign-in that prepares the scenario"
+    );
+    users
+}
 
 pub struct Signed {
     pub access_token: String,
@@ -34,10 +52,21 @@ pub struct Signed {
 pub struct Bench {
     pub auth: Vec<AuthServiceClient<Channel>>,
     pub referral: Vec<ReferralServiceClient<Channel>>,
+    /// The lean caller's connections ([`lean`]), for the hot single-call scenarios.
+    pub lean_auth: Connections,
+    pub lean_referral: Connections,
+    pub get_profile: Rpc,
+    pub refresh_tokens: Rpc,
     capture: CodeCapture,
     next_phone: AtomicU64,
     pub concurrency: usize,
+    /// Whose CPU each run reads.
+    pub pids: Pids,
 }
+
+pub const GET_PROFILE: &str = "/refsys.referral.v1.ReferralService/GetProfile";
+pub const REFRESH_TOKENS: &str = "/refsys.auth.v1.AuthService/RefreshTokens";
+pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 impl Bench {
     pub async fn new(stack: &Stack, capture: CodeCapture, concurrency: usize) -> Arc<Self> {
@@ -49,13 +78,29 @@ impl Bench {
                 Stack::channel(&stack.referral).await,
             ));
         }
+        let pids = Pids {
+            auth: stack.auth.pid(),
+            referral: stack.referral.pid(),
+            database: Some(stack.database.name.clone()),
+            redis: crate::cpu::redis_pid(stack.redis.port).await,
+        };
         Arc::new(Self {
             auth,
             referral,
+            lean_auth: Connections::open(stack.auth.addr, CONNECTIONS).await,
+            lean_referral: Connections::open(stack.referral.addr, CONNECTIONS).await,
+            get_profile: Rpc::new(stack.referral.addr, GET_PROFILE),
+            refresh_tokens: Rpc::new(stack.auth.addr, REFRESH_TOKENS),
             capture,
             next_phone: AtomicU64::new(0),
             concurrency,
+            pids,
         })
+    }
+
+    /// How many connections the lean caller opens per service (h2load gets as many).
+    pub fn connections(&self) -> usize {
+        CONNECTIONS
     }
 
     fn auth(&self, worker: usize) -> AuthServiceClient<Channel> {
@@ -117,15 +162,18 @@ impl Bench {
         })
     }
 
-    /// Signs in `count` fresh users, `concurrency` at a time.
+    /// Signs in `count` fresh users, `concurrency` at a time but at least [`PREPARE_CALLERS`]:
+    /// preparing inputs is not what a run measures, and one caller would take a minute to
+    /// prepare activation's pool (the sweep's 1-caller point).
     pub async fn sign_in_many(
         self: &Arc<Self>,
         count: usize,
         invite_code: Option<String>,
     ) -> Vec<Signed> {
-        let per_worker = count.div_ceil(self.concurrency);
+        let workers = self.concurrency.max(PREPARE_CALLERS);
+        let per_worker = count.div_ceil(workers);
         let mut tasks = Vec::new();
-        for worker in 0..self.concurrency {
+        for worker in 0..workers {
             let this = self.clone();
             let invite_code = invite_code.clone();
             tasks.push(tokio::spawn(async move {
@@ -152,6 +200,7 @@ impl Bench {
         F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
         Fut: Future<Output = Result<(), Status>> + Send,
     {
+        let before = Reading::now(&self.pids);
         let started = Instant::now();
         let deadline = started + duration;
         let mut tasks = Vec::new();
@@ -176,7 +225,11 @@ impl Bench {
         for task in tasks {
             recorder.merge(task.await.unwrap_or_default());
         }
-        Summary::new(name, self.concurrency, recorder, started.elapsed())
+        let wall = started.elapsed();
+        let after = Reading::now(&self.pids);
+        let mut summary = Summary::new(name, self.concurrency, recorder, wall);
+        summary.cpu = PerThousand::between(&before, &after, summary.calls(), false);
+        summary
     }
 
     pub async fn signin(self: &Arc<Self>, duration: Duration) -> Summary {
@@ -194,29 +247,68 @@ impl Bench {
 
     /// Users with ~10 invitees each, read with GetProfile.
     pub async fn profile(self: &Arc<Self>, duration: Duration) -> Summary {
-        let inviters = self.sign_in_many(20, None).await;
+        let inviters = prepared("profile", self.sign_in_many(20, None).await);
         for inviter in &inviters {
             let code = self.invite_code(&inviter.access_token).await;
             self.sign_in_many(10, Some(code)).await;
         }
-        let tokens: Arc<Vec<String>> =
-            Arc::new(inviters.into_iter().map(|u| u.access_token).collect());
+        let tokens = inviters.iter().map(|u| u.access_token.as_str());
+        self.get_profiles("profile (GetProfile, 10 invitees)", tokens, duration)
+            .await
+    }
+
+    /// GetProfile through the lean caller, the callers taking turns over `tokens`' users.
+    pub async fn get_profiles<'a>(
+        self: &Arc<Self>,
+        name: &str,
+        tokens: impl Iterator<Item = &'a str>,
+        duration: Duration,
+    ) -> Summary {
+        let bearers: Arc<Vec<_>> = Arc::new(tokens.map(lean::bearer).collect());
+        let body = lean::frame(&GetProfileRequest {});
         let this = self.clone();
-        self.run(
-            "profile (GetProfile, 10 invitees)",
-            duration,
-            move |worker, i| {
-                let this = this.clone();
-                let tokens = tokens.clone();
-                async move {
-                    let token = &tokens[(worker + i as usize) % tokens.len()];
-                    this.referral(worker)
-                        .get_profile(bearer(GetProfileRequest {}, token))
-                        .await
-                        .map(|_| ())
-                }
-            },
-        )
+        self.run(name, duration, move |worker, i| {
+            let (this, bearers, body) = (this.clone(), bearers.clone(), body.clone());
+            async move {
+                let bearer = &bearers[(worker + i as usize) % bearers.len()];
+                this.lean_referral
+                    .unary(worker, &this.get_profile, Some(bearer), body)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await
+    }
+
+    /// The same body, `body`, to `rpc` on `connections` by every caller: the request h2load
+    /// repeats too.
+    pub async fn repeat(
+        self: &Arc<Self>,
+        name: &str,
+        to_auth: bool,
+        rpc: Rpc,
+        bearer: Option<&str>,
+        body: bytes::Bytes,
+        duration: Duration,
+    ) -> Summary {
+        let bearer = bearer.map(lean::bearer);
+        let this = self.clone();
+        let rpc = Arc::new(rpc);
+        self.run(name, duration, move |worker, _| {
+            let (this, rpc, bearer, body) =
+                (this.clone(), rpc.clone(), bearer.clone(), body.clone());
+            async move {
+                let connections = if to_auth {
+                    &this.lean_auth
+                } else {
+                    &this.lean_referral
+                };
+                connections
+                    .unary(worker, &rpc, bearer.as_ref(), body)
+                    .await
+                    .map(|_| ())
+            }
+        })
         .await
     }
 
@@ -322,6 +414,18 @@ impl Bench {
         (summary, note)
     }
 
+    /// One RefreshTokens call presenting `token`; returns the successor.
+    pub async fn refresh_once(&self, token: &str) -> Result<String, Status> {
+        let body = lean::frame(&RefreshTokensRequest {
+            refresh_token: token.to_owned(),
+        });
+        let answer = self
+            .lean_auth
+            .unary(0, &self.refresh_tokens, None, body)
+            .await?;
+        Ok(lean::decode::<RefreshTokensResponse>(answer)?.refresh_token)
+    }
+
     /// RefreshTokens chains: each caller rotates its own token over and over.
     pub async fn refresh(self: &Arc<Self>, duration: Duration) -> Summary {
         let users = self.sign_in_many(self.concurrency, None).await;
@@ -343,13 +447,14 @@ impl Bench {
                         return Err(Status::resource_exhausted("no user for this caller"));
                     };
                     let mut token = slot.lock().await;
-                    let rotated = this
-                        .auth(worker)
-                        .refresh_tokens(RefreshTokensRequest {
-                            refresh_token: token.clone(),
-                        })
-                        .await?
-                        .into_inner();
+                    let body = lean::frame(&RefreshTokensRequest {
+                        refresh_token: token.clone(),
+                    });
+                    let rotated: RefreshTokensResponse = lean::decode(
+                        this.lean_auth
+                            .unary(worker, &this.refresh_tokens, None, body)
+                            .await?,
+                    )?;
                     *token = rotated.refresh_token;
                     Ok(())
                 }
@@ -360,7 +465,7 @@ impl Bench {
 
     /// 80 % GetProfile, 10 % ListInvitees, 5 % RefreshTokens, 5 % sign-in.
     pub async fn mixed(self: &Arc<Self>, duration: Duration) -> Summary {
-        let users = self.sign_in_many(self.concurrency, None).await;
+        let users = prepared("mixed", self.sign_in_many(self.concurrency, None).await);
         let access: Arc<Vec<String>> =
             Arc::new(users.iter().map(|u| u.access_token.clone()).collect());
         let refresh: Arc<Vec<tokio::sync::Mutex<String>>> = Arc::new(

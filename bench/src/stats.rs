@@ -37,6 +37,7 @@ pub fn error_label(status: &tonic::Status) -> String {
     }
 }
 
+#[derive(Clone)]
 pub struct Summary {
     pub name: String,
     pub concurrency: usize,
@@ -49,6 +50,8 @@ pub struct Summary {
     pub errors: BTreeMap<String, u64>,
     pub auth_rss_mb: f64,
     pub referral_rss_mb: f64,
+    /// CPU per 1,000 calls of the driver, the services and the stores over the timed part.
+    pub cpu: crate::cpu::PerThousand,
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -75,7 +78,13 @@ impl Summary {
             errors: recorder.errors,
             auth_rss_mb: 0.0,
             referral_rss_mb: 0.0,
+            cpu: crate::cpu::PerThousand::default(),
         }
+    }
+
+    /// Calls made, answered OK or not.
+    pub fn calls(&self) -> u64 {
+        self.ok as u64 + self.errors.values().sum::<u64>()
     }
 
     pub fn header() -> &'static str {
