@@ -8,6 +8,7 @@ mod faults;
 mod foundation;
 mod journey;
 mod keys;
+mod monitoring;
 mod observability;
 mod platform;
 mod replicas;

@@ -43,10 +43,12 @@ fn sha256_hex(text: &str) -> String {
     String::from_utf8(output.stdout).unwrap()[..64].to_owned()
 }
 
-struct Platform {
-    stack: Stack,
-    shop: String,
-    bank: String,
+/// A stack with two service clients and their tokens (the monitoring test drives points with
+/// it too).
+pub(crate) struct Platform {
+    pub(crate) stack: Stack,
+    pub(crate) shop: String,
+    pub(crate) bank: String,
     _dir: tempfile::TempDir,
 }
 
@@ -56,6 +58,10 @@ impl Platform {
     }
 
     async fn start_with(auth_env: &[(&'static str, &str)]) -> Self {
+        Self::start_with_options(StackOptions::auth(auth_env)).await
+    }
+
+    pub(crate) async fn start_with_options(mut options: StackOptions) -> Self {
         assert_eq!(sha256_hex(SHOP_SECRET), SHOP_SHA256);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("clients.json");
@@ -70,13 +76,10 @@ impl Platform {
             ),
         )
         .unwrap();
-        let mut env = vec![("SERVICE_CLIENTS_FILE", path.display().to_string())];
-        env.extend(auth_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
-        let stack = Stack::start_with(StackOptions {
-            auth_env: env,
-            ..StackOptions::default()
-        })
-        .await;
+        options
+            .auth_env
+            .push(("SERVICE_CLIENTS_FILE", path.display().to_string()));
+        let stack = Stack::start_with(options).await;
         let auth = stack.auth_client().await;
         let token = |id: &'static str, secret: &'static str| {
             let mut auth = auth.clone();
@@ -102,7 +105,7 @@ impl Platform {
         }
     }
 
-    async fn points(&self) -> PointsServiceClient<Channel> {
+    pub(crate) async fn points(&self) -> PointsServiceClient<Channel> {
         PointsServiceClient::new(Stack::channel(&self.stack.referral).await)
     }
 
@@ -140,7 +143,7 @@ async fn take(stream: &mut tonic::Streaming<pb::WatchEventsResponse>, n: usize) 
     events
 }
 
-fn grant(user: &str, points: i64, key: &str) -> GrantPointsRequest {
+pub(crate) fn grant(user: &str, points: i64, key: &str) -> GrantPointsRequest {
     GrantPointsRequest {
         user_id: user.to_owned(),
         points,

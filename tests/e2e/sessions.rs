@@ -16,14 +16,7 @@ use refsys_proto::referral::v1::{
 use tonic::Code;
 
 async fn stack_with(auth_env: &[(&'static str, &str)]) -> Stack {
-    Stack::start_with(StackOptions {
-        auth_env: auth_env
-            .iter()
-            .map(|(k, v)| (*k, (*v).to_owned()))
-            .collect(),
-        ..StackOptions::default()
-    })
-    .await
+    Stack::start_with(StackOptions::auth(auth_env)).await
 }
 
 async fn refresh(stack: &Stack, token: &str) -> Result<RefreshTokensResponse, tonic::Status> {

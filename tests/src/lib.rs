@@ -3,7 +3,9 @@
 //! can be stopped and restarted, and a local Twilio-compatible endpoint that captures the codes.
 
 pub mod cluster;
+pub mod dashboards;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod raw;
 pub mod replicas;

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use refsys_proto::auth::v1::VerifyCodeResponse;
 use refsys_proto::auth::v1::auth_service_client::AuthServiceClient;
-use refsys_proto::auth::v1::{SendCodeRequest, VerifyCodeRequest, VerifyCodeResponse};
 use refsys_proto::referral::v1::referral_service_client::ReferralServiceClient;
 use tonic::transport::Channel;
 
@@ -215,29 +215,13 @@ impl Replicas {
         phone: &str,
         invite_code: Option<&str>,
     ) -> VerifyCodeResponse {
-        let sent = self
-            .auth_client(send_via)
-            .await
-            .send_code(SendCodeRequest {
-                phone_number: phone.to_owned(),
-            })
-            .await
-            .unwrap_or_else(|status| panic!("SendCode({phone}) via {send_via}: {status:?}"))
-            .into_inner();
-        let code = self
-            .sms
-            .latest_code(&sent.phone_number)
-            .await
-            .expect("the code reached the SMS endpoint");
-        self.auth_client(verify_via)
-            .await
-            .verify_code(VerifyCodeRequest {
-                phone_number: phone.to_owned(),
-                code,
-                invite_code: invite_code.map(str::to_owned),
-            })
-            .await
-            .unwrap_or_else(|status| panic!("VerifyCode({phone}) via {verify_via}: {status:?}"))
-            .into_inner()
+        crate::stack::sign_in_through(
+            self.auth_client(send_via).await,
+            self.auth_client(verify_via).await,
+            &self.sms,
+            phone,
+            invite_code,
+        )
+        .await
     }
 }

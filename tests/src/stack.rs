@@ -22,6 +22,16 @@ pub struct StackOptions {
     pub proxy_postgres: bool,
 }
 
+impl StackOptions {
+    /// Defaults, with these settings for auth-service.
+    pub fn auth(env: &[(&'static str, &str)]) -> Self {
+        Self {
+            auth_env: env.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+            ..Self::default()
+        }
+    }
+}
+
 pub struct Stack {
     pub database: TestDatabase,
     pub redis: PrivateRedis,
@@ -137,27 +147,8 @@ impl Stack {
 
     /// SendCode, read the code from the captured SMS, VerifyCode.
     pub async fn sign_in(&self, phone: &str, invite_code: Option<&str>) -> VerifyCodeResponse {
-        let mut auth = self.auth_client().await;
-        let sent = auth
-            .send_code(SendCodeRequest {
-                phone_number: phone.to_owned(),
-            })
-            .await
-            .unwrap_or_else(|status| panic!("SendCode({phone}) failed: {status:?}"))
-            .into_inner();
-        let code = self
-            .sms
-            .latest_code(&sent.phone_number)
-            .await
-            .expect("the code reached the SMS endpoint");
-        auth.verify_code(VerifyCodeRequest {
-            phone_number: phone.to_owned(),
-            code,
-            invite_code: invite_code.map(str::to_owned),
-        })
-        .await
-        .unwrap_or_else(|status| panic!("VerifyCode({phone}) failed: {status:?}"))
-        .into_inner()
+        let auth = self.auth_client().await;
+        sign_in_through(auth.clone(), auth, &self.sms, phone, invite_code).await
     }
 
     /// The text of both metrics endpoints.
@@ -180,6 +171,37 @@ impl Stack {
 }
 
 /// A request with `authorization: Bearer <token>`.
+/// SendCode through `send`, the code read from `sms`, VerifyCode through `verify` (another
+/// replica, say).
+pub async fn sign_in_through(
+    mut send: AuthServiceClient<Channel>,
+    mut verify: AuthServiceClient<Channel>,
+    sms: &SmsCapture,
+    phone: &str,
+    invite_code: Option<&str>,
+) -> VerifyCodeResponse {
+    let sent = send
+        .send_code(SendCodeRequest {
+            phone_number: phone.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("SendCode({phone}) failed: {status:?}"))
+        .into_inner();
+    let code = sms
+        .latest_code(&sent.phone_number)
+        .await
+        .expect("the code reached the SMS endpoint");
+    verify
+        .verify_code(VerifyCodeRequest {
+            phone_number: phone.to_owned(),
+            code,
+            invite_code: invite_code.map(str::to_owned),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("VerifyCode({phone}) failed: {status:?}"))
+        .into_inner()
+}
+
 pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
