@@ -8,8 +8,9 @@
 //! here): an UNAVAILABLE answer — a replica draining or gone, a refused connection, referral's
 //! database briefly out of reach — is retried with exponential backoff, at most
 //! [`RetryPolicy::PUBLISHED`]`.max_attempts` attempts in all, never past the caller's deadline,
-//! and not at all while most recent calls failed (gRPC's `retryThrottling`); a call the
-//! transport never sent (its connection closed first) is retried at once, as gRPC's
+//! and not at all while most recent calls failed (gRPC's `retryThrottling`); a call
+//! referral-service never processed (its connection closed first, or a draining replica's
+//! GOAWAY refused it) is retried at once, as gRPC's
 //! transparent retry does. All three RPCs are idempotent: EnsureUser finds the user of a phone
 //! before creating one and an invite code is activated once for ever, LookupUser reads,
 //! DeleteUser of a deleted user is done.
@@ -23,6 +24,7 @@ use refsys_proto::referral::v1::user_directory_client::UserDirectoryClient;
 use refsys_proto::referral::v1::{
     DeleteUserRequest, EnsureUserRequest, InviteCodeOutcome, LookupUserRequest,
 };
+use service_kit::retry::{RetryPolicy, never_processed};
 use service_kit::tokens::{
     DELETE_USER_SCOPE, ENSURE_USER_SCOPE, LOOKUP_USER_SCOPE, REFERRAL_SERVICE_AUDIENCE,
 };
@@ -44,48 +46,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A retry is only sent when at least this much of the deadline is left after its backoff:
 /// less would be a call that can only time out.
 const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(50);
-
-/// A gRPC `retryPolicy` (retryable code: UNAVAILABLE only).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first one included.
-    pub max_attempts: u32,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub backoff_multiplier: f64,
-}
-
-impl RetryPolicy {
-    /// The policy of `deploy/grpc-service-config.json` (a unit test holds the two together).
-    pub const PUBLISHED: Self = Self {
-        max_attempts: 4,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-        backoff_multiplier: 2.0,
-    };
-
-    /// The upper bound of the pause before retry number `retry` (1 for the first retry):
-    /// `min(initial_backoff × multiplier^(retry-1), max_backoff)`.
-    pub fn backoff_ceiling(&self, retry: u32) -> Duration {
-        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
-        let factor = self.backoff_multiplier.powi(exponent);
-        if factor.is_finite()
-            && self.initial_backoff.as_secs_f64() * factor < self.max_backoff.as_secs_f64()
-        {
-            self.initial_backoff.mul_f64(factor)
-        } else {
-            self.max_backoff
-        }
-    }
-
-    /// The pause before retry number `retry`: uniformly random up to the ceiling, as gRPC
-    /// does, so that callers failed by the same event do not come back in step.
-    fn backoff(&self, retry: u32) -> Duration {
-        use rand::Rng;
-        self.backoff_ceiling(retry)
-            .mul_f64(rand::rng().random::<f64>())
-    }
-}
 
 /// gRPC's `retryThrottling`: every UNAVAILABLE answer takes a token, every success gives back
 /// `token_ratio` of one, and retries stop while at most half of `max_tokens` are left. A burst
@@ -262,7 +222,7 @@ impl Directory {
             match attempt(left).await {
                 // Never sent: retried at once (gRPC's transparent retry), still one attempt.
                 Err(status)
-                    if never_sent(&status)
+                    if never_processed(&status)
                         && attempts < self.policy.max_attempts
                         && Instant::now() + MIN_ATTEMPT_TIME <= deadline =>
                 {
@@ -387,24 +347,6 @@ impl Directory {
             Err(status) => Err(call_failed("DeleteUser", &status)),
         }
     }
-}
-
-/// Whether `status` is a call that never left this process: it was queued on a connection
-/// that closed before writing it (a replica that is going away closes its connections). tonic
-/// reports this as CANCELLED with hyper's "canceled" error as the source; other gRPC clients
-/// retry such calls transparently, whatever the RPC, because the server never saw them.
-pub fn never_sent(status: &tonic::Status) -> bool {
-    if status.code() != Code::Cancelled {
-        return false;
-    }
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// A failed call to referral-service: UNAVAILABLE for what a retry may fix, INTERNAL (logged,
@@ -544,39 +486,6 @@ mod tests {
         let refresh = method_config(&config, "refsys.auth.v1.AuthService", "RefreshTokens")
             .expect("RefreshTokens is retried");
         assert!(seconds(&refresh["timeout"]) < Duration::from_secs(10));
-    }
-
-    #[test]
-    fn only_the_transports_own_cancellation_counts_as_never_sent() {
-        // A CANCELLED from the server (or any status without hyper's canceled error as its
-        // source) may have been processed: it is not retried transparently.
-        assert!(!never_sent(&tonic::Status::cancelled(
-            "operation was canceled"
-        )));
-        assert!(!never_sent(&tonic::Status::unavailable(
-            "connection refused"
-        )));
-    }
-
-    #[test]
-    fn backoff_grows_to_its_ceiling_with_full_jitter() {
-        let policy = RetryPolicy::PUBLISHED;
-        let ceilings: Vec<Duration> = (1..=6).map(|r| policy.backoff_ceiling(r)).collect();
-        assert_eq!(
-            ceilings,
-            [100, 200, 400, 800, 1000, 1000].map(Duration::from_millis)
-        );
-        assert_eq!(policy.backoff_ceiling(u32::MAX), Duration::from_secs(1));
-        for retry in 1..=3 {
-            for _ in 0..100 {
-                assert!(policy.backoff(retry) <= policy.backoff_ceiling(retry));
-            }
-        }
-        // All retries of one call fit well within the shortest deadline worth retrying in.
-        let total: Duration = (1..policy.max_attempts)
-            .map(|r| policy.backoff_ceiling(r))
-            .sum();
-        assert_eq!(total, Duration::from_millis(700));
     }
 
     #[test]

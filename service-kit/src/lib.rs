@@ -7,6 +7,7 @@ pub mod deadline;
 pub mod metrics;
 pub mod observe;
 pub mod phone;
+pub mod retry;
 pub mod server;
 pub mod telemetry;
 pub mod tokens;

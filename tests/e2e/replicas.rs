@@ -17,74 +17,21 @@ use refsys_proto::auth::v1::{
 use refsys_proto::referral::v1::{
     ActivateInviteCodeRequest, GetProfileRequest, ListInviteesRequest, Profile,
 };
+use service_kit::retry::{RetryPolicy, never_processed};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
-
-/// The retry policy every caller is told to apply (`deploy/grpc-service-config.json`).
-struct RetryPolicy {
-    max_attempts: usize,
-    initial_backoff: Duration,
-    max_backoff: Duration,
-    multiplier: f64,
-}
-
-impl RetryPolicy {
-    /// The policy of the idempotent RPCs, read from the published file.
-    fn published() -> Self {
-        let config: serde_json::Value =
-            serde_json::from_str(include_str!("../../deploy/grpc-service-config.json"))
-                .expect("the service config is JSON");
-        let policy = &config["methodConfig"][0]["retryPolicy"];
-        assert_eq!(
-            policy["retryableStatusCodes"],
-            serde_json::json!(["UNAVAILABLE"])
-        );
-        let seconds = |key: &str| {
-            Duration::from_secs_f64(
-                policy[key]
-                    .as_str()
-                    .and_then(|s| s.strip_suffix('s'))
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_else(|| panic!("{key} is a duration")),
-            )
-        };
-        Self {
-            max_attempts: policy["maxAttempts"]
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .expect("maxAttempts"),
-            initial_backoff: seconds("initialBackoff"),
-            max_backoff: seconds("maxBackoff"),
-            multiplier: policy["backoffMultiplier"].as_f64().expect("multiplier"),
-        }
-    }
-
-    /// A random pause up to the ceiling before retry `retry` (1 = the first), as gRPC does.
-    fn backoff(&self, retry: usize) -> Duration {
-        let exponent = i32::try_from(retry - 1).unwrap_or(i32::MAX);
-        let ceiling = self
-            .initial_backoff
-            .mul_f64(self.multiplier.powi(exponent))
-            .min(self.max_backoff);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        ceiling.mul_f64(f64::from(nanos % 1000) / 1000.0)
-    }
-}
 
 /// How one logical call went.
 struct Outcome<T> {
     answer: Result<T, Status>,
     attempts: usize,
-    /// Attempts the transport never sent (retried at once).
+    /// Attempts the server never processed (retried at once).
     never_sent: usize,
 }
 
 /// One logical call as a round-robin caller with the published policy makes it: attempt `n`
 /// goes to replica `(first + n) % replicas` (a load-balanced channel picks the next backend),
-/// UNAVAILABLE is retried after the backoff, a call the transport never sent at once (gRPC's
+/// UNAVAILABLE is retried after the backoff, a call the server never processed at once (gRPC's
 /// transparent retry, which tonic callers must do themselves), anything else is the answer.
 async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
@@ -96,15 +43,17 @@ where
     F: FnMut(usize) -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
+    let max_attempts = usize::try_from(policy.max_attempts).expect("a few attempts");
     let (mut attempts, mut unsent) = (1, 0);
     loop {
         match call((first + attempts - 1) % replicas).await {
-            Err(status) if never_sent(&status) && attempts < policy.max_attempts => {
+            Err(status) if never_processed(&status) && attempts < max_attempts => {
                 unsent += 1;
                 attempts += 1;
             }
-            Err(status) if status.code() == Code::Unavailable && attempts < policy.max_attempts => {
-                tokio::time::sleep(policy.backoff(attempts)).await;
+            Err(status) if status.code() == Code::Unavailable && attempts < max_attempts => {
+                let retry = u32::try_from(attempts).expect("a few attempts");
+                tokio::time::sleep(policy.backoff(retry)).await;
                 attempts += 1;
             }
             answer => {
@@ -116,23 +65,6 @@ where
             }
         }
     }
-}
-
-/// A call tonic never sent: it was queued on a connection that closed first (a replica going
-/// away). tonic answers CANCELLED with hyper's "canceled" error as the source; the server never
-/// saw the call, so retrying it is safe for any RPC.
-fn never_sent(status: &Status) -> bool {
-    if status.code() != Code::Cancelled {
-        return false;
-    }
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// A request with `deadline` and, if given, a Bearer token.
@@ -311,7 +243,7 @@ async fn forty_parallel_activations_over_both_referral_replicas_are_exact() {
         ..ReplicaOptions::default()
     })
     .await;
-    let policy = Arc::new(RetryPolicy::published());
+    let policy = Arc::new(RetryPolicy::PUBLISHED);
     let inviter = replicas.sign_in(0, 1, "+79601240200", None).await;
     let code = profile(&replicas, 0, &inviter.access_token)
         .await
@@ -509,7 +441,7 @@ struct Tally {
 #[tokio::test]
 async fn sigterm_to_a_replica_of_each_service_loses_no_retried_call() {
     let mut replicas = Replicas::start().await;
-    let policy = Arc::new(RetryPolicy::published());
+    let policy = Arc::new(RetryPolicy::PUBLISHED);
     let auth = replicas.auth_clients().await;
     let referral = replicas.referral_clients().await;
     let mut sessions = Vec::new();
@@ -614,12 +546,26 @@ async fn sigterm_to_a_replica_of_each_service_loses_no_retried_call() {
         total.failures.extend(tally.failures);
         last_tokens.push(refresh);
     }
+    let errors_logged: Vec<String> = replicas
+        .auth
+        .iter()
+        .chain(&replicas.referral)
+        .flat_map(|replica| {
+            replica
+                .logs()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|line| line.contains("ERROR") || line.contains("WARN"))
+        .collect();
     assert!(
         total.failures.is_empty(),
-        "{} of {} logical calls failed: {:#?}",
+        "{} of {} logical calls failed: {:#?}\nwarnings and errors the replicas logged:\n{}",
         total.failures.len(),
         total.calls,
-        total.failures
+        total.failures,
+        errors_logged.join("\n")
     );
     assert!(total.calls > 100, "the load ran ({} calls)", total.calls);
     assert!(
