@@ -220,7 +220,8 @@ impl Directory {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match attempt(left).await {
-                // Never sent: retried at once (gRPC's transparent retry), still one attempt.
+                // Never processed (never sent, or refused unread by a draining replica's GOAWAY):
+                // retried at once, as gRPC's transparent retry does.
                 Err(status)
                     if never_processed(&status)
                         && attempts < self.policy.max_attempts
@@ -229,7 +230,7 @@ impl Directory {
                     tracing::debug!(
                         rpc,
                         attempt = attempts,
-                        "the connection to referral-service closed before the call was sent; retrying"
+                        "referral-service never processed the call (connection closed or GOAWAY); retrying"
                     );
                     attempts += 1;
                 }
